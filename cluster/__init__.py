@@ -1,0 +1,49 @@
+"""cluster: an in-process priority task cluster.
+
+Run a script's CPU and I/O jobs on a pool of worker threads, in order of start
+time and priority, with timeouts, retries with backoff and jitter, result
+caching, callbacks, subscriber queues and cancellation by id::
+
+    from cluster import Cluster
+
+    with Cluster(workers=4) as c:
+        handle = c.add_task(pow, 2, 10).with_priority(5).with_retry(2).submit()
+        print(handle.result())
+"""
+
+from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
+from ._builder import TaskBuilder, TaskHandle
+from ._cluster import Cluster
+from ._errors import (
+    ClusterError,
+    ClusterStoppedError,
+    DuplicateTaskError,
+    StopTimeoutError,
+    TaskCancelledError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
+from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
+
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "ClusterStats",
+    "ClusterStoppedError",
+    "DuplicateTaskError",
+    "ExponentialBackoff",
+    "FixedBackoff",
+    "LinearBackoff",
+    "Result",
+    "RetryMode",
+    "StopTimeoutError",
+    "TaskBuilder",
+    "TaskCancelledError",
+    "TaskContext",
+    "TaskHandle",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskState",
+    "TaskTimeoutError",
+    "current",
+]

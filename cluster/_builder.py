@@ -1,0 +1,199 @@
+"""The fluent TaskBuilder and the TaskHandle that ``submit()`` returns."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._backoff import RetryMode
+from ._task import DEFAULT_OPTIONS, CompleteCallback, FailureCallback, Options, Result, Task
+from ._validate import Duration, function, integer, seconds
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
+
+__all__ = ["TaskBuilder", "TaskHandle"]
+
+T = TypeVar("T")
+
+
+class TaskBuilder(Generic[T]):
+    """Describes one submission; every setter validates at once and returns the builder.
+
+    Obtained from ``Cluster.add_task(fn, *args, **kwargs)``; ``submit()`` queues it.
+    """
+
+    __slots__ = ("_cluster", "_opts", "_task")
+
+    def __init__(self, cluster: Cluster, task: Task) -> None:
+        self._cluster = cluster
+        self._task: Task | None = task  # None once submitted
+        self._opts: Options | None = None  # a private copy once an option is set
+
+    def _live(self) -> Task:
+        task = self._task
+        if task is None:
+            raise RuntimeError("this TaskBuilder was already submitted")
+        return task
+
+    def _options(self) -> Options:
+        self._live()
+        opts = self._opts
+        if opts is None:
+            opts = self._opts = DEFAULT_OPTIONS.copy()
+        return opts
+
+    def with_id(self, task_id: str) -> TaskBuilder[T]:
+        """Use ``task_id`` (a non-empty str) instead of a generated id."""
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
+        if not task_id:
+            raise ValueError("task_id must be a non-empty str")
+        self._live().id = task_id
+        return self
+
+    def with_start_time(self, when: datetime) -> TaskBuilder[T]:
+        """Do not start before ``when`` (aware, or naive meaning local time)."""
+        if not isinstance(when, datetime):
+            raise TypeError(f"when must be a datetime, got {type(when).__name__}")
+        task = self._live()
+        try:
+            ahead = when.timestamp() - time.time()
+        except (OverflowError, OSError, ValueError):  # beyond what the platform converts
+            ahead = math.inf if when.year >= 1970 else -math.inf
+        task.start = time.monotonic() + ahead
+        return self
+
+    def with_delay(self, delay: Duration) -> TaskBuilder[T]:
+        """Do not start before ``delay`` seconds from now."""
+        task = self._live()
+        task.start = time.monotonic() + seconds(delay, "delay")
+        return self
+
+    def with_timeout(self, timeout: Duration) -> TaskBuilder[T]:
+        """Fail an attempt with TaskTimeoutError after ``timeout`` seconds (> 0)."""
+        self._options().timeout = seconds(timeout, "timeout", positive=True)
+        return self
+
+    def with_priority(self, priority: int) -> TaskBuilder[T]:
+        """Among due tasks, a higher ``priority`` runs first (default 0)."""
+        self._live().priority = integer(priority, "priority")
+        return self
+
+    def with_retry(self, retries: int) -> TaskBuilder[T]:
+        """Retry up to ``retries`` times after the first attempt fails (0: never)."""
+        self._options().retries = integer(retries, "retries", minimum=0)
+        return self
+
+    def with_backoff(self, strategy: Callable[[int], float]) -> TaskBuilder[T]:
+        """Wait ``strategy(attempt)`` seconds before each retry (attempt 0 = first retry)."""
+        self._options().backoff = function(strategy, "strategy")
+        return self
+
+    def with_jitter(self, ratio: float = 0.2) -> TaskBuilder[T]:
+        """Multiply each retry delay by a random factor in ``[1 - ratio, 1 + ratio]``."""
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+            raise TypeError(f"ratio must be a number, got {type(ratio).__name__}")
+        if not 0 < ratio <= 1:  # also rejects NaN
+            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        self._options().jitter = float(ratio)
+        return self
+
+    def retry_if(self, predicate: Callable[[BaseException], object]) -> TaskBuilder[T]:
+        """Retry only when ``predicate(exc)`` is true (a predicate that raises: False)."""
+        self._options().retry_if = function(predicate, "predicate")
+        return self
+
+    def with_retry_mode(self, mode: RetryMode) -> TaskBuilder[T]:
+        """REQUEUE (default): back to the queue; IMMEDIATE: the same worker waits and retries."""
+        if not isinstance(mode, RetryMode):
+            raise TypeError(f"mode must be a RetryMode, got {type(mode).__name__}")
+        self._options().retry_mode = mode
+        return self
+
+    def with_cache(self, ttl: Duration = 300) -> TaskBuilder[T]:
+        """Keep the Result for ``ttl`` seconds after the task ends (subscribe/info work)."""
+        self._options().ttl = seconds(ttl, "ttl")
+        return self
+
+    def on_complete(self, fn: CompleteCallback) -> TaskBuilder[T]:
+        """Call ``fn(task_id, value, error)`` once the task ends, however it ends."""
+        self._options().on_complete = function(fn, "on_complete fn")
+        return self
+
+    def on_failure(self, fn: FailureCallback) -> TaskBuilder[T]:
+        """Call ``fn(task_id, error)`` once the task ends with an error, timeout or cancel."""
+        self._options().on_failure = function(fn, "on_failure fn")
+        return self
+
+    def submit(self) -> TaskHandle[T]:
+        """Queue the task and return its handle; a builder is submitted once.
+
+        Raises DuplicateTaskError if the id is taken, ClusterStoppedError after
+        ``stop()``; after such an error the builder may be fixed and submitted again.
+        """
+        task = self._live()
+        if self._opts is not None:
+            task.opts = self._opts
+        self._task = None
+        try:
+            self._cluster._submit(task)
+        except BaseException:
+            self._task = task
+            raise
+        return TaskHandle(self._cluster, task)
+
+    def __repr__(self) -> str:
+        task = self._task
+        return f"<TaskBuilder {'submitted' if task is None else repr(task.fn)}>"
+
+
+class TaskHandle(Generic[T]):
+    """A submitted task: its id, its result, and control over it."""
+
+    __slots__ = ("_cluster", "_task")
+
+    def __init__(self, cluster: Cluster, task: Task) -> None:
+        self._cluster = cluster
+        self._task = task
+
+    @property
+    def id(self) -> str:
+        """The task's id."""
+        return self._task.id  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        """True once the task is terminal."""
+        return self._task.state.terminal
+
+    def wait(self, timeout: Duration | None = None) -> Result[T] | None:
+        """The Result once terminal, or None if ``timeout`` seconds pass first."""
+        limit = None if timeout is None else seconds(timeout, "timeout")
+        return self._cluster._wait(self._task, limit)
+
+    def result(self, timeout: Duration | None = None) -> T:
+        """The task's value; raises its error, or TimeoutError if not done in time."""
+        result = self.wait(timeout)
+        if result is None:
+            raise TimeoutError(f"task {self.id!r} did not finish within {timeout}s")
+        return result.unwrap()
+
+    def cancel(self) -> bool:
+        """Cancel the task; True if this call cancelled it, False if it had finished."""
+        return self._cluster._cancel(self._task)
+
+    def subscribe(self) -> SimpleQueue[Result[Any]]:
+        """A new queue that receives the Result (at once if already terminal)."""
+        return self._cluster._subscribe_task(self._task)
+
+    def future(self) -> Future[T]:
+        """A concurrent.futures.Future of the value; cancelling it cancels the task."""
+        return self._cluster._future(self._task)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id!r} {self._task.state.value}>"

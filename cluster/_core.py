@@ -1,0 +1,432 @@
+"""The scheduling core: queues, state transitions, retry decisions and TTL purge.
+
+Plain Python with no threads, no locks and no clock of its own. The cluster holds
+its lock around every ``Scheduler`` method and passes ``now`` (monotonic seconds),
+so ordering, backoff, jitter and TTL can be driven deterministically in tests.
+
+Two-stage scheduling: tasks not yet due wait in ``_timers``, a heap ordered by
+(start, seq); due tasks wait in ``_ready``, a heap ordered by (-priority, start,
+seq), where seq is the submission order. Timers are promoted to ``_ready`` when a
+worker looks for work, so a due task always competes on priority.
+
+Cancel is O(1): the task's state becomes terminal and its heap entry is left
+behind as a dead entry, skipped when popped. When dead entries outnumber live
+ones the heap is rebuilt (O(live), so amortised O(1) per cancel), which keeps a
+heap at most about twice its live size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from heapq import heapify, heappop, heappush
+
+from ._errors import DuplicateTaskError, TaskCancelledError, TaskNotFoundError, TaskTimeoutError
+from ._task import _NO_KWARGS, RetryMode, Task, TaskContext, TaskState
+
+log = logging.getLogger("cluster")
+
+PENDING = TaskState.PENDING
+DELAYED = TaskState.DELAYED
+RUNNING = TaskState.RUNNING
+RETRYING = TaskState.RETRYING
+SUCCEEDED = TaskState.SUCCEEDED
+FAILED = TaskState.FAILED
+CANCELLED = TaskState.CANCELLED
+TIMED_OUT = TaskState.TIMED_OUT
+
+# What ``finish`` tells the worker to do next.
+STALE = 0  #: the attempt had been abandoned (timeout/cancel): drop its outcome
+DONE = 1  #: the task is terminal: deliver its result
+REQUEUED = 2  #: a retry waits in the queue
+SLEEP = 3  #: RetryMode.IMMEDIATE: sleep the backoff on task.ctx, then ``resume``
+
+_COMPACT_MIN = 64  # dead heap entries tolerated before a rebuild is considered
+
+_CANCEL_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
+
+
+def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float | None:
+    """Seconds to wait before retrying ``task`` after ``error``; None: no retry.
+
+    Runs the user's predicate and backoff, so the cluster calls it *outside* its
+    lock. A predicate that raises counts as False; a backoff that raises or gives
+    NaN or a negative delay is logged and treated as 0 (the retry is not lost).
+    """
+    opts = task.opts
+    if task.attempts > opts.retries:  # attempts started so far vs. retries + 1 allowed
+        return None
+    if not isinstance(error, Exception) or isinstance(error, TaskCancelledError):
+        return None  # BaseExceptions and cancellations are final
+    predicate = opts.retry_if
+    if predicate is not None:
+        try:
+            if not predicate(error):
+                return None
+        except BaseException:
+            log.exception("retry_if predicate of task %r raised; not retrying", task.id)
+            return None
+    try:
+        delay = float(opts.backoff(task.attempts - 1))
+    except BaseException:
+        log.exception("backoff of task %r raised; retrying without delay", task.id)
+        return 0.0
+    if not delay >= 0:  # also catches NaN
+        log.error("backoff of task %r returned %r; retrying without delay", task.id, delay)
+        return 0.0
+    if opts.jitter:
+        delay *= rng.uniform(1.0 - opts.jitter, 1.0 + opts.jitter)
+    return delay
+
+
+class Scheduler:
+    """Queues and state machine of one cluster; every method expects the caller's lock."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        #: Every task whose id is reserved: not yet terminal, or terminal and cached.
+        self.tasks: dict[str, Task] = {}
+        self._ready: list[tuple[int, float, int, Task]] = []
+        self._timers: list[tuple[float, int, Task]] = []
+        self._deadlines: list[tuple[float, int, TaskContext]] = []
+        self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
+        self._ready_dead = 0
+        self._timer_dead = 0
+        self._seq = itertools.count(1).__next__
+        self._ids = itertools.count(1).__next__
+        self.rng = rng if rng is not None else random.Random()
+        #: False once a shutdown has cancelled whatever has not started.
+        self.retries_allowed = True
+        # Counters.
+        self.submitted = self.succeeded = self.failed = 0
+        self.cancelled = self.timed_out = self.retried = 0
+        # Gauges: tasks PENDING, DELAYED or RETRYING, RUNNING.
+        self.queued = self.delayed = self.running = 0
+
+    # -- submission and lookup ------------------------------------------------
+
+    def submit(self, task: Task, now: float) -> bool:
+        """Accept ``task``; return True if it is due now (a worker should take it)."""
+        if self._expiry and self._expiry[0][0] <= now:
+            self.purge(now)
+        tasks = self.tasks
+        tid = task.id
+        if tid is None:
+            tid = f"t{self._ids()}"
+            while tid in tasks:  # a user took this id with with_id()
+                tid = f"t{self._ids()}"
+            task.id = tid
+        elif tid in tasks:
+            raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
+        tasks[tid] = task
+        seq = task.seq = self._seq()
+        task.submitted_at = now
+        self.submitted += 1
+        start = task.start
+        if start is None or start <= now:
+            if start is None:
+                start = task.start = now
+            self.queued += 1
+            heappush(self._ready, (-task.priority, start, seq, task))
+            return True
+        task.state = DELAYED
+        self.delayed += 1
+        heappush(self._timers, (start, seq, task))
+        return False
+
+    def lookup(self, task_id: str, now: float) -> Task:
+        """The task with this id; TaskNotFoundError if unknown or purged."""
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
+        if self._expiry and self._expiry[0][0] <= now:
+            self.purge(now)
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r} (unknown, or finished and purged)")
+        return task
+
+    def purge(self, now: float) -> None:
+        """Forget cached results whose TTL has passed."""
+        expiry = self._expiry
+        tasks = self.tasks
+        while expiry and expiry[0][0] <= now:
+            task = heappop(expiry)[2]
+            if tasks.get(task.id) is task:  # type: ignore[arg-type]
+                del tasks[task.id]  # type: ignore[arg-type]
+
+    # -- dispatch -------------------------------------------------------------
+
+    def pop(self, now: float) -> Task | None:
+        """Start the next attempt: the best due task, now RUNNING with a fresh ctx."""
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            self._promote(now)
+        ready = self._ready
+        while ready:
+            task = heappop(ready)[3]
+            if task.state is PENDING:
+                break
+            self._ready_dead -= 1
+        else:
+            return None
+        self.queued -= 1
+        self.running += 1
+        task.state = RUNNING
+        self._begin(task, TaskContext(task, task.attempts, None), now)
+        return task
+
+    def _begin(self, task: Task, ctx: TaskContext, now: float) -> None:
+        task.attempts += 1
+        task.started_at = now
+        task.ctx = ctx
+        timeout = task.opts.timeout
+        if timeout is not None:
+            ctx.deadline = now + timeout
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * self.running + _COMPACT_MIN:
+                deadlines[:] = [e for e in deadlines if e[2]._task is not None]
+                heapify(deadlines)
+            heappush(deadlines, (ctx.deadline, self._seq(), ctx))
+
+    def _promote(self, now: float) -> None:
+        timers = self._timers
+        ready = self._ready
+        while timers and timers[0][0] <= now:
+            start, seq, task = heappop(timers)
+            state = task.state
+            if (state is DELAYED or state is RETRYING) and task.start == start:
+                task.state = PENDING
+                self.delayed -= 1
+                self.queued += 1
+                heappush(ready, (-task.priority, start, seq, task))
+            else:
+                self._timer_dead -= 1
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting task becomes due, or None if none waits."""
+        timers = self._timers
+        while timers:
+            start, _, task = timers[0]
+            state = task.state
+            if (state is DELAYED or state is RETRYING) and task.start == start:
+                return start
+            heappop(timers)
+            self._timer_dead -= 1
+        return None
+
+    # -- the end of an attempt -------------------------------------------------
+
+    def finish(
+        self,
+        task: Task,
+        ctx: TaskContext,
+        value: object,
+        error: BaseException | None,
+        delay: float | None,
+        now: float,
+    ) -> int:
+        """Record how the attempt ``ctx`` ended; ``delay`` is ``retry_delay``'s answer.
+
+        The compare-and-set at the heart of exactly-once: only the attempt that is
+        still ``task.ctx`` may move the task on; a timed-out or cancelled attempt
+        was detached and gets STALE.
+        """
+        if task.ctx is not ctx:
+            return STALE
+        ctx._task = None
+        ctx._worker = None
+        self.running -= 1
+        if error is None:
+            task.ctx = None
+            self._finalize(task, SUCCEEDED, value, None, now)
+            return DONE
+        return self._failed(task, error, delay, now, True)
+
+    def fail_detached(
+        self, ctx: TaskContext, error: BaseException, delay: float | None, now: float
+    ) -> int:
+        """Settle an attempt that ``expire`` detached: schedule its retry or end the task."""
+        task = ctx._task
+        ctx._task = None
+        ctx._worker = None
+        if task is None or task.state is not RUNNING or task.ctx is not None:
+            return STALE  # cancelled or shut down meanwhile
+        self.running -= 1
+        return self._failed(task, error, delay, now, False)
+
+    def _failed(
+        self, task: Task, error: BaseException, delay: float | None, now: float, may_sleep: bool
+    ) -> int:
+        if delay is not None and self.retries_allowed:
+            self.retried += 1
+            self.delayed += 1
+            task.state = RETRYING
+            task.error = error
+            task.start = start = now + delay
+            if may_sleep and task.opts.retry_mode is RetryMode.IMMEDIATE:
+                # The worker sleeps on this (next attempt's) context; cancel wakes it.
+                task.ctx = TaskContext(task, task.attempts, None)
+                return SLEEP
+            task.ctx = None
+            heappush(self._timers, (start, task.seq, task))
+            return REQUEUED
+        task.ctx = None
+        state = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
+        self._finalize(task, state, None, error, now)
+        return DONE
+
+    def resume(self, task: Task, ctx: TaskContext, now: float) -> bool:
+        """After an IMMEDIATE backoff: start the next attempt unless it was cancelled."""
+        if task.ctx is not ctx or task.state is not RETRYING:
+            return False
+        task.state = RUNNING
+        self.delayed -= 1
+        self.running += 1
+        self._begin(task, ctx, now)
+        return True
+
+    # -- timeouts -------------------------------------------------------------
+
+    def expire(self, now: float) -> list[TaskContext]:
+        """Detach and signal every running attempt whose deadline has passed.
+
+        The task stays RUNNING with no attempt (so a late return is STALE) and each
+        returned context keeps naming its task until ``fail_detached`` settles it
+        with the retry decision, which the caller computes outside its lock.
+        """
+        deadlines = self._deadlines
+        expired = []
+        while deadlines and deadlines[0][0] <= now:
+            ctx = heappop(deadlines)[2]
+            task = ctx._task
+            if task is None or task.ctx is not ctx:
+                continue  # the attempt ended before its deadline
+            task.ctx = None
+            ctx.signal("timeout")
+            expired.append(ctx)
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a running attempt, or None."""
+        deadlines = self._deadlines
+        while deadlines:
+            ctx = deadlines[0][2]
+            task = ctx._task
+            if task is not None and task.ctx is ctx:
+                return deadlines[0][0]
+            heappop(deadlines)
+        return None
+
+    # -- cancellation ---------------------------------------------------------
+
+    def cancel(self, task: Task, reason: str, now: float) -> tuple[bool, object]:
+        """Cancel ``task``: (True, worker-abandoned-or-None), or (False, None) if terminal."""
+        state = task.state
+        worker = None
+        if state is PENDING:
+            self.queued -= 1
+            self._ready_dead += 1
+        elif state is DELAYED or state is RETRYING:
+            self.delayed -= 1
+            if task.ctx is None:
+                self._timer_dead += 1
+            else:  # an IMMEDIATE retry: wake the worker sleeping on it
+                task.ctx.signal(reason)
+        elif state is RUNNING:
+            self.running -= 1
+            ctx = task.ctx
+            if ctx is not None:  # None: a timed-out attempt being settled
+                worker = ctx._worker
+                ctx._task = None
+                ctx._worker = None
+                ctx.signal(reason)
+        else:
+            return False, None
+        task.ctx = None
+        error = TaskCancelledError(f"task {task.id!r} was {_CANCEL_WORDS[reason]}")
+        self._finalize(task, CANCELLED, None, error, now)
+        self._compact()
+        return True, worker
+
+    def cancel_all(self, reason: str, now: float, running: bool) -> tuple[list[Task], list[object]]:
+        """Cancel every task not yet terminal (``running``: running ones too)."""
+        done: list[Task] = []
+        workers: list[object] = []
+        for task in [t for t in self.tasks.values() if not t.state.terminal]:
+            if task.state is RUNNING and not running:
+                continue
+            _, worker = self.cancel(task, reason, now)
+            done.append(task)
+            if worker is not None:
+                workers.append(worker)
+        return done, workers
+
+    def _compact(self) -> None:
+        ready = self._ready
+        if self._ready_dead == len(ready):
+            ready.clear()
+            self._ready_dead = 0
+        elif self._ready_dead > _COMPACT_MIN and 2 * self._ready_dead > len(ready):
+            ready[:] = [e for e in ready if e[3].state is PENDING]
+            heapify(ready)
+            self._ready_dead = 0
+        timers = self._timers
+        if self._timer_dead == len(timers):
+            timers.clear()
+            self._timer_dead = 0
+        elif self._timer_dead > _COMPACT_MIN and 2 * self._timer_dead > len(timers):
+            timers[:] = [
+                e for e in timers
+                if (e[2].state is DELAYED or e[2].state is RETRYING) and e[2].start == e[0]
+            ]
+            heapify(timers)
+            self._timer_dead = 0
+
+    # -- terminal transition ----------------------------------------------------
+
+    def _finalize(
+        self, task: Task, state: TaskState, value: object, error: BaseException | None, now: float
+    ) -> None:
+        """The one terminal transition of a task (the caller checked it was live)."""
+        task.state = state
+        task.value = value
+        task.error = error
+        task.finished_at = now
+        task.fn = None  # drop references to the work itself at once
+        task.args = ()
+        task.kwargs = _NO_KWARGS
+        if state is SUCCEEDED:
+            self.succeeded += 1
+        elif state is FAILED:
+            self.failed += 1
+        elif state is CANCELLED:
+            self.cancelled += 1
+        else:
+            self.timed_out += 1
+        ttl = task.opts.ttl
+        if ttl is None:
+            if self.tasks.get(task.id) is task:  # type: ignore[arg-type]
+                del self.tasks[task.id]  # type: ignore[arg-type]
+        else:
+            heappush(self._expiry, (now + ttl, task.seq, task))
+        if not self.running and self._deadlines:
+            self._deadlines.clear()  # all dead: no attempt is running
+
+    # -- introspection ----------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        """Tasks accepted and not yet terminal."""
+        return self.queued + self.delayed + self.running
+
+    def sizes(self) -> dict[str, int]:
+        """Lengths of the internal structures (for tests of memory bounds)."""
+        return {
+            "tasks": len(self.tasks),
+            "ready": len(self._ready),
+            "timers": len(self._timers),
+            "deadlines": len(self._deadlines),
+            "expiry": len(self._expiry),
+        }
+
+

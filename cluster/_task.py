@@ -1,0 +1,284 @@
+"""Value types (Result, TaskInfo, ClusterStats, TaskState), the per-task record and
+the running task's context.
+
+The per-task record is deliberately small: a slotted object whose rarely used
+settings live in a shared, immutable-after-submit ``Options`` object, so that a
+plain task costs one record plus its heap entry.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from ._backoff import FixedBackoff, RetryMode
+from ._errors import TaskCancelledError, TaskTimeoutError
+
+T = TypeVar("T")
+
+#: What a subscriber, a handle waiter or a future registers to hear the result.
+Sink = Callable[["Result[Any]"], object]
+#: ``on_complete(task_id, value, error)``.
+CompleteCallback = Callable[[str, Any, "BaseException | None"], object]
+#: ``on_failure(task_id, error)``.
+FailureCallback = Callable[[str, BaseException], object]
+
+
+class TaskState(enum.Enum):
+    """Where a task is in its life; the last four are terminal."""
+
+    PENDING = "pending"  #: due, waiting for a worker
+    DELAYED = "delayed"  #: waiting for its start time
+    RUNNING = "running"  #: an attempt is running
+    RETRYING = "retrying"  #: waiting for the backoff before its next attempt
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        """True for SUCCEEDED, FAILED, CANCELLED and TIMED_OUT."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset(
+    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[T]):
+    """The terminal outcome of a task: its value, or the error that ended it."""
+
+    value: T | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if the task succeeded."""
+        return self.error is None
+
+    def unwrap(self) -> T:
+        """Return the value, or raise the task's error."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A snapshot of one task, as returned by ``Cluster.info()``."""
+
+    id: str
+    state: TaskState
+    priority: int
+    attempts: int  #: attempts started so far
+    submitted_at: datetime
+    started_at: datetime | None  #: start of the latest attempt
+    finished_at: datetime | None
+    error: BaseException | None
+    progress: Any
+    start_at: datetime  #: when the task (or its pending retry) becomes due
+    retries: int  #: the retry budget set with ``with_retry``
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStats:
+    """Counters since the cluster was created, and gauges of the present moment."""
+
+    submitted: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    retried: int  #: retries scheduled
+    queued: int  #: due and waiting for a worker
+    delayed: int  #: waiting for a start time or a retry backoff
+    running: int
+    workers: int  #: pool strength
+    abandoned: int = 0  #: threads still stuck in a timed-out or cancelled attempt
+
+
+class Options:
+    """Settings most tasks leave at their defaults; shared until a builder changes one."""
+
+    __slots__ = (
+        "backoff",
+        "jitter",
+        "on_complete",
+        "on_failure",
+        "retries",
+        "retry_if",
+        "retry_mode",
+        "timeout",
+        "ttl",
+    )
+
+    def __init__(self) -> None:
+        self.timeout: float | None = None
+        self.retries = 0
+        self.backoff: Callable[[int], float] = FixedBackoff(0)
+        self.jitter = 0.0
+        self.retry_if: Callable[[BaseException], object] | None = None
+        self.retry_mode = RetryMode.REQUEUE
+        self.ttl: float | None = None  #: None: purge once delivered
+        self.on_complete: CompleteCallback | None = None
+        self.on_failure: FailureCallback | None = None
+
+    def copy(self) -> Options:
+        """A private copy for a builder to change."""
+        new = Options.__new__(Options)
+        for name in Options.__slots__:
+            setattr(new, name, getattr(self, name))
+        return new
+
+
+DEFAULT_OPTIONS = Options()
+_NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
+
+
+class Task:
+    """The scheduler's record of one submitted task.
+
+    Every field is guarded by the owning cluster's lock, except that the worker
+    running an attempt reads ``fn``/``args``/``kwargs`` (fixed while it runs) and
+    ``TaskContext.progress`` writes ``progress`` (a single attribute store).
+    """
+
+    __slots__ = (
+        "args",
+        "attempts",
+        "ctx",
+        "error",
+        "finished_at",
+        "fn",
+        "id",
+        "kwargs",
+        "opts",
+        "priority",
+        "progress",
+        "seq",
+        "sinks",
+        "start",
+        "started_at",
+        "state",
+        "submitted_at",
+        "value",
+    )
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
+        self.kwargs = kwargs or _NO_KWARGS
+        self.id: str | None = None  # assigned at submit when not set by with_id
+        self.priority = 0
+        self.start: float | None = None  # monotonic due time; None: at submit
+        self.seq = 0  # submission order, the FIFO tie-breaker
+        self.opts = DEFAULT_OPTIONS
+        self.state = TaskState.PENDING
+        self.attempts = 0
+        self.ctx: TaskContext | None = None  # the current attempt's context
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.sinks: list[Sink] | None = None
+        self.submitted_at = 0.0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.progress: Any = None
+
+    def result(self) -> Result[Any]:
+        """The terminal Result (only meaningful once the state is terminal)."""
+        return Result(self.value, self.error)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id!r} {self.state.value} priority={self.priority}>"
+
+
+# Guards the lazy creation of TaskContext events against a concurrent signal.
+# Always taken last (after a cluster lock, never before one).
+_EVENT_GUARD = threading.Lock()
+
+
+class TaskContext:
+    """What a running task can know and do about itself; see ``cluster.current()``."""
+
+    __slots__ = ("_event", "_reason", "_task", "_worker", "attempt", "deadline", "task_id")
+
+    def __init__(self, task: Task, attempt: int, deadline: float | None) -> None:
+        self.task_id: str = task.id  # type: ignore[assignment]
+        self.attempt = attempt  #: 0-based attempt number
+        self.deadline = deadline  #: monotonic seconds when this attempt times out, or None
+        self._task: Task | None = task  # cleared when the attempt ends or is abandoned
+        self._reason: str | None = None
+        self._event: threading.Event | None = None  # created on first use
+        self._worker: object = None  # the worker inside this attempt's call, if any
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when this attempt is cancelled, times out, or the cluster shuts down."""
+        event = self._event
+        if event is None:
+            with _EVENT_GUARD:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self._reason is not None:
+                        event.set()
+        return event
+
+    @property
+    def reason(self) -> str | None:
+        """``None``, ``"cancelled"``, ``"timeout"`` or ``"shutdown"``."""
+        return self._reason
+
+    def check(self) -> None:
+        """Raise TaskTimeoutError or TaskCancelledError if this attempt was signalled."""
+        reason = self._reason
+        if reason is None:
+            return
+        if reason == "timeout":
+            raise TaskTimeoutError(f"task {self.task_id!r} attempt {self.attempt} timed out")
+        raise TaskCancelledError(f"task {self.task_id!r} was {_REASON_WORDS[reason]}")
+
+    def progress(self, value: Any) -> None:
+        """Record progress, visible through ``Cluster.info(task_id).progress``."""
+        task = self._task
+        if task is not None:
+            task.progress = value
+
+    def signal(self, reason: str) -> None:
+        """Mark the attempt as ended by ``reason`` and set its event (internal)."""
+        with _EVENT_GUARD:
+            if self._reason is None:
+                self._reason = reason
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.task_id!r} attempt={self.attempt} reason={self._reason}>"
+
+
+_REASON_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
+
+_CURRENT: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("cluster_current")
+
+
+def current() -> TaskContext:
+    """The context of the task running on this thread; ``LookupError`` outside a task."""
+    return _CURRENT.get()
+
+
+def reset_after_fork() -> None:
+    """Replace the module lock in a forked child, where its holder no longer exists."""
+    global _EVENT_GUARD
+    _EVENT_GUARD = threading.Lock()

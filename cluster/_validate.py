@@ -1,0 +1,51 @@
+"""Argument checks shared by the builder, the backoff strategies and the cluster.
+
+Every check raises at the call that received the bad value, with a message that
+names the argument, so that nothing invalid ever reaches a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+Duration = float | int | timedelta
+
+
+def seconds(value: object, name: str, *, positive: bool = False) -> float:
+    """Return ``value`` as finite seconds >= 0 (> 0 if ``positive``)."""
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
+    else:
+        raise TypeError(
+            f"{name} must be seconds as int, float or timedelta, got {type(value).__name__}"
+        )
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if result < 0 or (positive and result == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    return result
+
+
+def integer(value: object, name: str, *, minimum: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def function(value: object, name: str) -> Callable[..., Any]:
+    """Return ``value`` if it is callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
