@@ -48,7 +48,7 @@ class LinearBackoff:
 
     __slots__ = ("base", "max", "step")
 
-    def __init__(self, base: Duration, step: Duration, max: Duration | None = None) -> None:  # noqa: A002
+    def __init__(self, base: Duration, step: Duration, max: Duration | None = None) -> None:
         self.base = seconds(base, "base")
         self.step = seconds(step, "step")
         self.max = _cap("max", max)
@@ -67,7 +67,7 @@ class ExponentialBackoff:
     __slots__ = ("base", "max", "multiplier")
 
     def __init__(
-        self, base: Duration, multiplier: float = 2.0, max: Duration | None = None  # noqa: A002
+        self, base: Duration, multiplier: float = 2.0, max: Duration | None = None
     ) -> None:
         self.base = seconds(base, "base")
         if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool):

@@ -22,8 +22,9 @@ import logging
 import random
 from heapq import heapify, heappop, heappush
 
+from ._backoff import RetryMode
 from ._errors import DuplicateTaskError, TaskCancelledError, TaskNotFoundError, TaskTimeoutError
-from ._task import _NO_KWARGS, RetryMode, Task, TaskContext, TaskState
+from ._task import _NO_KWARGS, Task, TaskContext, TaskState
 
 log = logging.getLogger("cluster")
 
@@ -142,7 +143,9 @@ class Scheduler:
             self.purge(now)
         task = self.tasks.get(task_id)
         if task is None:
-            raise TaskNotFoundError(f"no task with id {task_id!r} (unknown, or finished and purged)")
+            raise TaskNotFoundError(
+                f"no task with id {task_id!r} (unknown, or finished and purged)"
+            )
         return task
 
     def purge(self, now: float) -> None:
