@@ -28,12 +28,11 @@ class TaskBuilder(Generic[T]):
     Obtained from ``Cluster.add_task(fn, *args, **kwargs)``; ``submit()`` queues it.
     """
 
-    __slots__ = ("_cluster", "_opts", "_task")
+    __slots__ = ("_cluster", "_task")
 
     def __init__(self, cluster: Cluster, task: Task) -> None:
         self._cluster = cluster
         self._task: Task | None = task  # None once submitted
-        self._opts: Options | None = None  # a private copy once an option is set
 
     def _live(self) -> Task:
         task = self._task
@@ -42,10 +41,10 @@ class TaskBuilder(Generic[T]):
         return task
 
     def _options(self) -> Options:
-        self._live()
-        opts = self._opts
-        if opts is None:
-            opts = self._opts = DEFAULT_OPTIONS.copy()
+        task = self._live()
+        opts = task.opts
+        if opts is DEFAULT_OPTIONS:  # copy on first write: plain tasks share one
+            opts = task.opts = DEFAULT_OPTIONS.copy()
         return opts
 
     def with_id(self, task_id: str) -> TaskBuilder[T]:
@@ -137,9 +136,9 @@ class TaskBuilder(Generic[T]):
         Raises DuplicateTaskError if the id is taken, ClusterStoppedError after
         ``stop()``; after such an error the builder may be fixed and submitted again.
         """
-        task = self._live()
-        if self._opts is not None:
-            task.opts = self._opts
+        task = self._task
+        if task is None:
+            raise RuntimeError("this TaskBuilder was already submitted")
         self._task = None
         try:
             self._cluster._submit(task)

@@ -5,14 +5,15 @@ its lock around every ``Scheduler`` method and passes ``now`` (monotonic seconds
 so ordering, backoff, jitter and TTL can be driven deterministically in tests.
 
 Two-stage scheduling: tasks not yet due wait in ``_timers``, a heap ordered by
-(start, seq); due tasks wait in ``_ready``, a heap ordered by (-priority, start,
-seq), where seq is the submission order. Timers are promoted to ``_ready`` when a
-worker looks for work, so a due task always competes on priority.
+(start, seq); due tasks wait in ``_ready``, a ``ReadyQueue`` ordered by
+(-priority, start, seq), where seq is the submission order. Timers are promoted
+to ``_ready`` when a worker looks for work, so a due task always competes on
+priority.
 
-Cancel is O(1): the task's state becomes terminal and its heap entry is left
+Cancel is O(1): the task's state becomes terminal and its queue entry is left
 behind as a dead entry, skipped when popped. When dead entries outnumber live
-ones the heap is rebuilt (O(live), so amortised O(1) per cancel), which keeps a
-heap at most about twice its live size.
+ones the structure is rebuilt (O(live), so amortised O(1) per cancel), which
+keeps it at most about twice its live size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections import deque
+from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
@@ -81,13 +84,103 @@ def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float |
     return delay
 
 
+Entry = tuple[float, int, Task]  # (start, seq, task)
+
+
+class _Bucket:
+    """The due tasks of one priority, in (start, seq) order.
+
+    Entries almost always arrive in order (a task due now has the latest start),
+    so they go to ``fifo`` in O(1); the rare out-of-order entry (a past start
+    time, a promoted timer) goes to the small ``heap``. The next entry is the
+    lesser of the two heads.
+    """
+
+    __slots__ = ("fifo", "heap")
+
+    def __init__(self) -> None:
+        self.fifo: deque[Entry] = deque()
+        self.heap: list[Entry] = []
+
+
+class ReadyQueue:
+    """Due tasks by (-priority, start, seq): O(1) push and pop in the FIFO case.
+
+    Holds dead entries (tasks no longer PENDING) until they are popped or
+    ``compact`` drops them; ``len()`` counts entries, dead ones included.
+    """
+
+    __slots__ = ("_buckets", "_count", "_priorities")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, _Bucket] = {}
+        self._priorities: list[int] = []  # heap of -priority, one per bucket
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def push(self, priority: int, entry: Entry) -> None:
+        """Add ``entry`` (start, seq, task) at ``priority``."""
+        bucket = self._buckets.get(priority)
+        if bucket is None:
+            bucket = self._buckets[priority] = _Bucket()
+            heappush(self._priorities, -priority)
+        fifo = bucket.fifo
+        if not fifo or fifo[-1] < entry:
+            fifo.append(entry)
+        else:
+            heappush(bucket.heap, entry)
+        self._count += 1
+
+    def pop(self) -> Task | None:
+        """Remove and return the first entry's task (dead or alive), or None if empty."""
+        priorities = self._priorities
+        while priorities:
+            bucket = self._buckets[-priorities[0]]
+            fifo = bucket.fifo
+            heap = bucket.heap
+            if fifo:
+                entry = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
+            elif heap:
+                entry = heappop(heap)
+            else:  # an emptied bucket: drop it
+                del self._buckets[-heappop(priorities)]
+                continue
+            self._count -= 1
+            return entry[2]
+        return None
+
+    def compact(self, alive: Callable[[Task], bool]) -> None:
+        """Drop every entry whose task is not ``alive``."""
+        for priority, bucket in list(self._buckets.items()):
+            bucket.fifo = deque(e for e in bucket.fifo if alive(e[2]))
+            bucket.heap = [e for e in bucket.heap if alive(e[2])]
+            heapify(bucket.heap)
+            if not bucket.fifo and not bucket.heap:
+                del self._buckets[priority]
+        self._priorities = [-p for p in self._buckets]
+        heapify(self._priorities)
+        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._buckets.clear()
+        self._priorities.clear()
+        self._count = 0
+
+
+def _pending(task: Task) -> bool:
+    return task.state is PENDING
+
+
 class Scheduler:
     """Queues and state machine of one cluster; every method expects the caller's lock."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         #: Every task whose id is reserved: not yet terminal, or terminal and cached.
         self.tasks: dict[str, Task] = {}
-        self._ready: list[tuple[int, float, int, Task]] = []
+        self._ready = ReadyQueue()
         self._timers: list[tuple[float, int, Task]] = []
         self._deadlines: list[tuple[float, int, TaskContext]] = []
         self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
@@ -128,7 +221,7 @@ class Scheduler:
             if start is None:
                 start = task.start = now
             self.queued += 1
-            heappush(self._ready, (-task.priority, start, seq, task))
+            self._ready.push(task.priority, (start, seq, task))
             return True
         task.state = DELAYED
         self.delayed += 1
@@ -164,18 +257,23 @@ class Scheduler:
         timers = self._timers
         if timers and timers[0][0] <= now:
             self._promote(now)
-        ready = self._ready
-        while ready:
-            task = heappop(ready)[3]
+        pop = self._ready.pop
+        while True:
+            task = pop()
+            if task is None:
+                return None
             if task.state is PENDING:
                 break
             self._ready_dead -= 1
-        else:
-            return None
         self.queued -= 1
         self.running += 1
         task.state = RUNNING
-        self._begin(task, TaskContext(task, task.attempts, None), now)
+        if task.opts.timeout is not None or task.attempts:
+            self._begin(task, TaskContext(task, task.attempts, None), now)
+        else:  # the common case, inlined: a first attempt without timeout
+            task.attempts = 1
+            task.started_at = now
+            task.ctx = TaskContext(task, 0, None)
         return task
 
     def _begin(self, task: Task, ctx: TaskContext, now: float) -> None:
@@ -201,7 +299,7 @@ class Scheduler:
                 task.state = PENDING
                 self.delayed -= 1
                 self.queued += 1
-                heappush(ready, (-task.priority, start, seq, task))
+                ready.push(task.priority, (start, seq, task))
             else:
                 self._timer_dead -= 1
 
@@ -239,8 +337,8 @@ class Scheduler:
         ctx._task = None
         ctx._worker = None
         self.running -= 1
+        task.ctx = None
         if error is None:
-            task.ctx = None
             self._finalize(task, SUCCEEDED, value, None, now)
             return DONE
         return self._failed(task, error, delay, now, True)
@@ -370,8 +468,7 @@ class Scheduler:
             ready.clear()
             self._ready_dead = 0
         elif self._ready_dead > _COMPACT_MIN and 2 * self._ready_dead > len(ready):
-            ready[:] = [e for e in ready if e[3].state is PENDING]
-            heapify(ready)
+            ready.compact(_pending)
             self._ready_dead = 0
         timers = self._timers
         if self._timer_dead == len(timers):

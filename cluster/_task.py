@@ -182,15 +182,17 @@ class Task:
         self.id: str | None = None  # assigned at submit when not set by with_id
         self.priority = 0
         self.start: float | None = None  # monotonic due time; None: at submit
-        self.seq = 0  # submission order, the FIFO tie-breaker
-        self.opts = DEFAULT_OPTIONS
+        self.opts = DEFAULT_OPTIONS  # replaced by a private copy before any change
+        # Set by Scheduler.submit: seq (submission order, the FIFO tie-breaker)
+        # and submitted_at; left unset until then to keep the builder cheap.
+        self.seq: int
+        self.submitted_at: float
         self.state = TaskState.PENDING
         self.attempts = 0
         self.ctx: TaskContext | None = None  # the current attempt's context
         self.value: Any = None
         self.error: BaseException | None = None
         self.sinks: list[Sink] | None = None
-        self.submitted_at = 0.0
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.progress: Any = None
