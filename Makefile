@@ -1,0 +1,25 @@
+# The two commands in the README: `make demo` and `make test`.
+PYTHON ?= python3
+
+.PHONY: demo test lint bench bench-quick install-test
+
+demo:
+	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) examples/demo.py
+
+install-test:
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+test: install-test lint
+	$(PYTHON) -m pytest
+
+bench:
+	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m benchmarks.run
+
+bench-quick:
+	$(PYTHON) -m benchmarks.run --quick
