@@ -80,8 +80,8 @@ class ExponentialBackoff:
     def __call__(self, attempt: int) -> float:
         try:
             delay = self.base * self.multiplier**attempt
-        except OverflowError:  # many retries: the uncapped delay is "forever"
-            delay = math.inf
+        except OverflowError:  # many retries: the uncapped delay is "forever" (0 stays 0)
+            delay = math.inf if self.base else 0.0
         return delay if self.max is None else min(delay, self.max)
 
     def __repr__(self) -> str:

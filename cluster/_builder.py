@@ -61,11 +61,13 @@ class TaskBuilder(Generic[T]):
         if not isinstance(when, datetime):
             raise TypeError(f"when must be a datetime, got {type(when).__name__}")
         task = self._live()
+        # Through the cluster's one wall/monotonic anchor, so that equal datetimes
+        # give equal start times (and FIFO among them), as info() shows them.
+        wall, mono = self._cluster._anchor
         try:
-            ahead = when.timestamp() - time.time()
+            task.start = mono + (when.timestamp() - wall)
         except (OverflowError, OSError, ValueError):  # beyond what the platform converts
-            ahead = math.inf if when.year >= 1970 else -math.inf
-        task.start = time.monotonic() + ahead
+            task.start = math.inf if when.year >= 1970 else -math.inf
         return self
 
     def with_delay(self, delay: Duration) -> TaskBuilder[T]:

@@ -79,6 +79,18 @@ def wait_event(event: threading.Event, timeout: float | None) -> bool:
             return True
 
 
+class _Signal:
+    """A sink that sets an event: what ``TaskHandle.wait`` sleeps on."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, result: Result[Any]) -> None:
+        self.event.set()
+
+
 class _Worker:
     """One pool thread's wake-up channel and bookkeeping (guarded by the cluster lock)."""
 
@@ -176,6 +188,7 @@ class Cluster:
             if cancel_pending and self._state == _STOPPING:
                 self._sched.retries_allowed = False
                 cancelled, _ = self._sched.cancel_all("shutdown", time.monotonic(), False)
+            self._sched.wake_sleepers()
             self._wake_all_locked()
         for worker in started:
             worker.thread.start()  # type: ignore[union-attr]
@@ -346,13 +359,17 @@ class Cluster:
 
     def _wait(self, task: Task, timeout: float | None) -> Result[Any] | None:
         if not task.state.terminal:
-            event = threading.Event()
             with self._lock:
                 if task.state.terminal:
-                    event.set()
+                    return task.result()
+                # One shared event per task, so that polling wait(0.01) adds nothing.
+                for sink in task.sinks or ():
+                    if isinstance(sink, _Signal):
+                        break
                 else:
-                    self._add_sink_locked(task, lambda _result: event.set())
-            if not wait_event(event, timeout):
+                    sink = _Signal()
+                    self._add_sink_locked(task, sink)
+            if not wait_event(sink.event, timeout):
                 return None
         return task.result()
 
@@ -487,10 +504,10 @@ class Cluster:
                         task = None
                 elif sleeping is not None:  # the backoff is over (or was cut short)
                     if sched.resume(task, sleeping, now):  # type: ignore[arg-type]
-                        sleeping._worker = me
-                        if sleeping.deadline is not None:
-                            self._arm_watchdog_locked(sleeping.deadline)
-                        ctx = sleeping
+                        ctx = task.ctx  # type: ignore[union-attr]
+                        ctx._worker = me  # type: ignore[union-attr]
+                        if ctx.deadline is not None:  # type: ignore[union-attr]
+                            self._arm_watchdog_locked(ctx.deadline)  # type: ignore[union-attr]
                     else:
                         task = None
                     sleeping = None

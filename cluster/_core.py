@@ -365,7 +365,7 @@ class Scheduler:
             task.error = error
             task.start = start = now + delay
             if may_sleep and task.opts.retry_mode is RetryMode.IMMEDIATE:
-                # The worker sleeps on this (next attempt's) context; cancel wakes it.
+                # The worker sleeps on this context's event: cancel and stop set it.
                 task.ctx = TaskContext(task, task.attempts, None)
                 return SLEEP
             task.ctx = None
@@ -377,14 +377,22 @@ class Scheduler:
         return DONE
 
     def resume(self, task: Task, ctx: TaskContext, now: float) -> bool:
-        """After an IMMEDIATE backoff: start the next attempt unless it was cancelled."""
+        """After an IMMEDIATE backoff slept on ``ctx``: start the next attempt (with a
+        fresh context in ``task.ctx``) unless the task was cancelled meanwhile."""
         if task.ctx is not ctx or task.state is not RETRYING:
             return False
+        ctx._task = None
         task.state = RUNNING
         self.delayed -= 1
         self.running += 1
-        self._begin(task, ctx, now)
+        self._begin(task, TaskContext(task, task.attempts, None), now)
         return True
+
+    def wake_sleepers(self) -> None:
+        """Cut every IMMEDIATE backoff short (graceful stop): the retries run now."""
+        for task in self.tasks.values():
+            if task.state is RETRYING and task.ctx is not None:
+                task.ctx.signal("shutdown")
 
     # -- timeouts -------------------------------------------------------------
 
