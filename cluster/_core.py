@@ -4,11 +4,12 @@ Plain Python with no threads, no locks and no clock of its own. The cluster hold
 its lock around every ``Scheduler`` method and passes ``now`` (monotonic seconds),
 so ordering, backoff, jitter and TTL can be driven deterministically in tests.
 
-Two-stage scheduling: tasks not yet due wait in ``_timers``, a heap ordered by
-(start, seq); due tasks wait in ``_ready``, a ``ReadyQueue`` ordered by
-(-priority, start, seq), where seq is the submission order. Timers are promoted
-to ``_ready`` when a worker looks for work, so a due task always competes on
-priority.
+Two-stage scheduling: tasks not yet due wait in ``_timers``, a heap of the tasks
+themselves ordered by (start, seq) (``Task.__lt__``: no tuple per entry, so a
+million delayed tasks cost little memory); due tasks wait in ``_ready``, a
+``ReadyQueue`` ordered by (-priority, start, seq), where seq is the submission
+order. Timers are promoted to ``_ready`` when a worker looks for work, so a due
+task always competes on priority.
 
 Cancel is O(1): the task's state becomes terminal and its queue entry is left
 behind as a dead entry, skipped when popped. When dead entries outnumber live
@@ -174,6 +175,12 @@ def _pending(task: Task) -> bool:
     return task.state is PENDING
 
 
+def _waiting(task: Task) -> bool:
+    """Is this timer-heap entry live? (A task has at most one entry there.)"""
+    state = task.state
+    return (state is DELAYED or state is RETRYING) and task.ctx is None
+
+
 class Scheduler:
     """Queues and state machine of one cluster; every method expects the caller's lock."""
 
@@ -181,7 +188,7 @@ class Scheduler:
         #: Every task whose id is reserved: not yet terminal, or terminal and cached.
         self.tasks: dict[str, Task] = {}
         self._ready = ReadyQueue()
-        self._timers: list[tuple[float, int, Task]] = []
+        self._timers: list[Task] = []  # heap by (start, seq); see Task.__lt__
         self._deadlines: list[tuple[float, int, TaskContext]] = []
         self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
         self._ready_dead = 0
@@ -225,7 +232,7 @@ class Scheduler:
             return True
         task.state = DELAYED
         self.delayed += 1
-        heappush(self._timers, (start, seq, task))
+        heappush(self._timers, task)
         return False
 
     def lookup(self, task_id: str, now: float) -> Task:
@@ -255,7 +262,7 @@ class Scheduler:
     def pop(self, now: float) -> Task | None:
         """Start the next attempt: the best due task, now RUNNING with a fresh ctx."""
         timers = self._timers
-        if timers and timers[0][0] <= now:
+        if timers and timers[0].start <= now:  # type: ignore[operator]
             self._promote(now)
         pop = self._ready.pop
         while True:
@@ -292,14 +299,13 @@ class Scheduler:
     def _promote(self, now: float) -> None:
         timers = self._timers
         ready = self._ready
-        while timers and timers[0][0] <= now:
-            start, seq, task = heappop(timers)
-            state = task.state
-            if (state is DELAYED or state is RETRYING) and task.start == start:
+        while timers and timers[0].start <= now:  # type: ignore[operator]
+            task = heappop(timers)
+            if _waiting(task):
                 task.state = PENDING
                 self.delayed -= 1
                 self.queued += 1
-                ready.push(task.priority, (start, seq, task))
+                ready.push(task.priority, (task.start, task.seq, task))  # type: ignore[arg-type]
             else:
                 self._timer_dead -= 1
 
@@ -307,10 +313,9 @@ class Scheduler:
         """When the earliest waiting task becomes due, or None if none waits."""
         timers = self._timers
         while timers:
-            start, _, task = timers[0]
-            state = task.state
-            if (state is DELAYED or state is RETRYING) and task.start == start:
-                return start
+            task = timers[0]
+            if _waiting(task):
+                return task.start
             heappop(timers)
             self._timer_dead -= 1
         return None
@@ -363,13 +368,13 @@ class Scheduler:
             self.delayed += 1
             task.state = RETRYING
             task.error = error
-            task.start = start = now + delay
+            task.start = now + delay
             if may_sleep and task.opts.retry_mode is RetryMode.IMMEDIATE:
                 # The worker sleeps on this context's event: cancel and stop set it.
                 task.ctx = TaskContext(task, task.attempts, None)
                 return SLEEP
             task.ctx = None
-            heappush(self._timers, (start, task.seq, task))
+            heappush(self._timers, task)
             return REQUEUED
         task.ctx = None
         state = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
@@ -483,10 +488,7 @@ class Scheduler:
             timers.clear()
             self._timer_dead = 0
         elif self._timer_dead > _COMPACT_MIN and 2 * self._timer_dead > len(timers):
-            timers[:] = [
-                e for e in timers
-                if (e[2].state is DELAYED or e[2].state is RETRYING) and e[2].start == e[0]
-            ]
+            timers[:] = [t for t in timers if _waiting(t)]
             heapify(timers)
             self._timer_dead = 0
 

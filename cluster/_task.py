@@ -197,6 +197,12 @@ class Task:
         self.finished_at: float | None = None
         self.progress: Any = None
 
+    def __lt__(self, other: Task) -> bool:
+        # The timer heap's order: (start, seq). Only tasks waiting there compare.
+        start = self.start
+        other_start = other.start
+        return start < other_start or (start == other_start and self.seq < other.seq)  # type: ignore[operator]
+
     def result(self) -> Result[Any]:
         """The terminal Result (only meaningful once the state is terminal)."""
         return Result(self.value, self.error)
