@@ -94,11 +94,15 @@ class _Signal:
 class _Worker:
     """One pool thread's wake-up channel and bookkeeping (guarded by the cluster lock)."""
 
-    __slots__ = ("idle", "thread", "wake")
+    __slots__ = ("idle", "owed", "thread", "wake")
 
     def __init__(self) -> None:
         self.wake: SimpleQueue[None] = SimpleQueue()  # a token wakes the worker
         self.idle = False  # in Cluster._idle
+        # 1 while this worker delivers a Result it has not yet counted as settled
+        # (its sinks are served outside the lock); stop() from the worker's own
+        # callback settles it early, since the sinks are served by then.
+        self.owed = 0
         self.thread: threading.Thread | None = None
 
 
@@ -180,6 +184,11 @@ class Cluster:
         started: list[_Worker] = []
         cancelled: list[Task] = []
         with self._lock:
+            finished = self._state == _TERMINATED
+        if finished:  # stopped, cancelled, or inherited by a forked child
+            self._join()
+            return
+        with self._lock:
             if self._state == _NEW:  # graceful means the queued tasks still run
                 self._state = _RUNNING
                 started = [self._spawn_locked() for _ in range(self._size)]
@@ -197,6 +206,10 @@ class Cluster:
         if own and limit is None:
             return
         with self._lock:
+            me = getattr(_LOCAL, "worker", None)
+            if own and me is not None and me.owed:  # called from this worker's callback
+                self._settle_locked(me.owed)
+                me.owed = 0
             while self._unsettled:
                 if deadline is None:
                     self._settled.wait(MAX_WAIT)
@@ -289,19 +302,25 @@ class Cluster:
 
     def cancel_task(self, task_id: str) -> bool:
         """Cancel one task; True if this call cancelled it, False if it had finished."""
-        with self._lock:
-            task = self._sched.lookup(task_id, time.monotonic())
-        return self._cancel(task)
+        return self._cancel(None, task_id)
 
-    def _cancel(self, task: Task) -> bool:
+    def _cancel(self, task: Task | None, task_id: str = "") -> bool:
+        """Cancel ``task`` (or the task with ``task_id``) in one critical section."""
         replacement = None
         with self._lock:
-            cancelled, worker = self._sched.cancel(task, "cancelled", time.monotonic())
+            now = time.monotonic()
+            if task is None:
+                task = self._sched.lookup(task_id, now)
+            cancelled, worker = self._sched.cancel(task, "cancelled", now)
             if worker is not None:
                 replacement = self._abandon_locked(worker)
+            opts = task.opts
+            quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
+            if cancelled and quiet:
+                self._settle_locked(1)  # nothing to deliver
         if replacement is not None:
             replacement.thread.start()  # type: ignore[union-attr]
-        if cancelled:
+        if cancelled and not quiet:
             self._deliver_all([task])
         return cancelled
 
@@ -461,6 +480,7 @@ class Cluster:
     def _work(self, me: _Worker) -> None:
         """A pool worker's loop; returns when the pool shuts down or its attempt is abandoned."""
         _LOCAL.cluster = self
+        _LOCAL.worker = me
         sched = self._sched
         clock = time.monotonic
         current = _CURRENT
@@ -471,15 +491,14 @@ class Cluster:
         delay: float | None = None
         ran = False  # task's attempt just returned and is not yet recorded
         sleeping: TaskContext | None = None  # an IMMEDIATE retry's context after its backoff
-        settle = 0  # Results this worker delivered since its last critical section
         while True:
             done: Task | None = None
             timeout: float | None = -1.0  # < 0: no wait, run ``task``
             # Read self._lock every time: a forked child replaces it.
             with self._lock:
-                if settle:
-                    self._settle_locked(settle)
-                    settle = 0
+                if me.owed:
+                    self._settle_locked(me.owed)
+                    me.owed = 0
                 now = clock()
                 if me.idle:  # woke by timeout: leave the idle list
                     self._idle.remove(me)
@@ -495,7 +514,15 @@ class Cluster:
                         self._abandoned -= 1
                         return
                     if code == DONE:
-                        done = task
+                        if task.sinks is None:  # type: ignore[union-attr]
+                            self._settle_locked(1)  # nothing to deliver
+                        else:
+                            me.owed = 1
+                        opts = task.opts  # type: ignore[union-attr]
+                        if me.owed or opts.on_complete or opts.on_failure:
+                            # Deliver before taking the next task, so that neither its
+                            # deadline nor its abandonment waits on this delivery.
+                            done = task
                     elif code == SLEEP:
                         sleeping = task.ctx  # type: ignore[union-attr]
                     elif code == REQUEUED and task.start < self._timer_target:  # type: ignore[union-attr,operator]
@@ -513,12 +540,12 @@ class Cluster:
                     sleeping = None
                 if sleeping is not None:
                     timeout = 0.0  # sleep on the retry's context instead, below
+                elif done is not None:
+                    timeout = 0.0  # deliver, then settle it and take the next task
                 elif task is None:
                     task = self._take_locked(me, now)
                     if task is not None:
                         ctx = task.ctx
-                    elif done is not None:
-                        timeout = 0.0  # deliver, then settle it before deciding to sleep
                     elif self._state == _TERMINATED or (
                         self._state == _STOPPING and not self._unsettled
                     ):
@@ -535,7 +562,6 @@ class Cluster:
             # ---- outside the lock ----
             if done is not None:
                 self._deliver(done, True)
-                settle += 1
                 done = None
             if timeout is None or timeout >= 0:
                 if sleeping is not None:
@@ -550,9 +576,6 @@ class Cluster:
                     pass
                 continue
             if timeout != timeout:  # NaN: exit
-                if settle:
-                    with self._lock:
-                        self._settle_locked(settle)
                 return
             # ---- run one attempt ----
             token = current.set(ctx)  # type: ignore[arg-type]
@@ -603,20 +626,27 @@ class Cluster:
                     self._watchdog_wake.wait(
                         MAX_WAIT if nearest is None else min(nearest - now, MAX_WAIT)
                     )
+                done: list[Task] = []
+                retryable: list[tuple[TaskContext, TaskTimeoutError]] = []
+                now = time.monotonic()
                 for ctx in expired:
                     if ctx._worker is not None:
                         replacement = self._abandon_locked(ctx._worker)
                         if replacement is not None:
                             started.append(replacement)
-            for worker in started:
-                worker.thread.start()  # type: ignore[union-attr]
-            done = []
-            for ctx in expired:
-                task: Task = ctx._task  # type: ignore[assignment]
-                error = TaskTimeoutError(
-                    f"task {task.id!r} attempt {ctx.attempt} timed out after "
-                    f"{task.opts.timeout}s"
-                )
+                    task: Task = ctx._task  # type: ignore[assignment]
+                    error = TaskTimeoutError(
+                        f"task {task.id!r} attempt {ctx.attempt} timed out after "
+                        f"{task.opts.timeout}s"
+                    )
+                    if task.attempts > task.opts.retries:  # no retry left: settle now
+                        if sched.fail_detached(ctx, error, None, now) == DONE:
+                            done.append(task)
+                    else:
+                        retryable.append((ctx, error))
+            # The retry predicate and backoff are user code: outside the lock.
+            for ctx, error in retryable:
+                task = ctx._task  # type: ignore[assignment]
                 delay = retry_delay(task, error, sched.rng)
                 with self._lock:
                     code = sched.fail_detached(ctx, error, delay, time.monotonic())
@@ -624,7 +654,9 @@ class Cluster:
                         done.append(task)
                     elif code == REQUEUED and task.start < self._timer_target:  # type: ignore[operator]
                         self._wake_timekeeper_locked()
-            self._deliver_all(done)
+            self._deliver_all(done)  # Results first; starting threads takes a while
+            for worker in started:
+                worker.thread.start()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ delivery
 
@@ -698,6 +730,7 @@ class Cluster:
         self._settled = threading.Condition(self._lock)
         self._watchdog_wake = threading.Condition(self._lock)
         self._state = _TERMINATED
+        self._unsettled = 0  # the parent delivers these; the child never will
         self._pool.clear()
         self._idle.clear()
         self._timekeeper = None

@@ -135,8 +135,15 @@ class Options:
     def copy(self) -> Options:
         """A private copy for a builder to change."""
         new = Options.__new__(Options)
-        for name in Options.__slots__:
-            setattr(new, name, getattr(self, name))
+        new.timeout = self.timeout
+        new.retries = self.retries
+        new.backoff = self.backoff
+        new.jitter = self.jitter
+        new.retry_if = self.retry_if
+        new.retry_mode = self.retry_mode
+        new.ttl = self.ttl
+        new.on_complete = self.on_complete
+        new.on_failure = self.on_failure
         return new
 
 

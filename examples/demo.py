@@ -114,7 +114,7 @@ def main() -> None:
             .with_cache(ttl=60)
             .submit()
         )
-        first, second = c.subscribe("rates"), c.subscribe("rates")  # two subscribers
+        first, second = c.subscribe(rates.id), c.subscribe(rates.id)  # two subscribers
 
         say("== 4. a timeout: the export may run 0.3 s")
         export = c.add_task(export_archive).with_timeout(0.3).on_failure(on_failure).submit()
