@@ -40,7 +40,16 @@ from . import _task
 from ._builder import TaskBuilder
 from ._core import DONE, REQUEUED, SLEEP, STALE, Scheduler, retry_delay
 from ._errors import ClusterStoppedError, StopTimeoutError, TaskTimeoutError
-from ._task import _CURRENT, ClusterStats, Result, Sink, Task, TaskContext, TaskInfo
+from ._task import (
+    _CURRENT,
+    DEFAULT_OPTIONS,
+    ClusterStats,
+    Result,
+    Sink,
+    Task,
+    TaskContext,
+    TaskInfo,
+)
 from ._validate import Duration, integer, seconds
 
 __all__ = ["Cluster"]
@@ -99,10 +108,10 @@ class _Worker:
     def __init__(self) -> None:
         self.wake: SimpleQueue[None] = SimpleQueue()  # a token wakes the worker
         self.idle = False  # in Cluster._idle
-        # 1 while this worker delivers a Result it has not yet counted as settled
-        # (its sinks are served outside the lock); stop() from the worker's own
-        # callback settles it early, since the sinks are served by then.
-        self.owed = 0
+        # True while this worker serves a terminal task's sinks outside the lock;
+        # stop() waits for it. Written by the worker alone; cleared before the
+        # task's callbacks run and before the next attempt starts.
+        self.owed = False
         self.thread: threading.Thread | None = None
 
 
@@ -150,9 +159,8 @@ class Cluster:
             if self._state == _RUNNING:
                 return
             self._state = _RUNNING
-            started = [self._spawn_locked() for _ in range(self._size)]
-        for worker in started:
-            worker.thread.start()  # type: ignore[union-attr]
+            for _ in range(self._size):
+                self._spawn_locked()
 
     def __enter__(self) -> Cluster:
         self.run()
@@ -181,7 +189,6 @@ class Cluster:
         """
         limit = None if timeout is None else seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        started: list[_Worker] = []
         cancelled: list[Task] = []
         with self._lock:
             finished = self._state == _TERMINATED
@@ -191,7 +198,8 @@ class Cluster:
         with self._lock:
             if self._state == _NEW:  # graceful means the queued tasks still run
                 self._state = _RUNNING
-                started = [self._spawn_locked() for _ in range(self._size)]
+                for _ in range(self._size):
+                    self._spawn_locked()
             if self._state == _RUNNING:
                 self._state = _STOPPING
             if cancel_pending and self._state == _STOPPING:
@@ -199,18 +207,12 @@ class Cluster:
                 cancelled, _ = self._sched.cancel_all("shutdown", time.monotonic(), False)
             self._sched.wake_sleepers()
             self._wake_all_locked()
-        for worker in started:
-            worker.thread.start()  # type: ignore[union-attr]
         self._deliver_all(cancelled)
         own = getattr(_LOCAL, "cluster", None) is self
         if own and limit is None:
             return
         with self._lock:
-            me = getattr(_LOCAL, "worker", None)
-            if own and me is not None and me.owed:  # called from this worker's callback
-                self._settle_locked(me.owed)
-                me.owed = 0
-            while self._unsettled:
+            while self._unsettled or any(w.owed for w in self._pool):
                 if deadline is None:
                     self._settled.wait(MAX_WAIT)
                     continue
@@ -306,20 +308,17 @@ class Cluster:
 
     def _cancel(self, task: Task | None, task_id: str = "") -> bool:
         """Cancel ``task`` (or the task with ``task_id``) in one critical section."""
-        replacement = None
         with self._lock:
             now = time.monotonic()
             if task is None:
                 task = self._sched.lookup(task_id, now)
             cancelled, worker = self._sched.cancel(task, "cancelled", now)
             if worker is not None:
-                replacement = self._abandon_locked(worker)
+                self._abandon_locked(worker)
             opts = task.opts
             quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
             if cancelled and quiet:
                 self._settle_locked(1)  # nothing to deliver
-        if replacement is not None:
-            replacement.thread.start()  # type: ignore[union-attr]
         if cancelled and not quiet:
             self._deliver_all([task])
         return cancelled
@@ -418,23 +417,24 @@ class Cluster:
 
     # ------------------------------------------------------------------ workers
 
-    def _spawn_locked(self) -> _Worker:
-        """Create a pool worker; the caller starts its thread after releasing the lock."""
+    def _spawn_locked(self) -> None:
+        """Start a pool worker. Started under the lock, so that no thread ever sees an
+        unstarted worker in the pool (a new thread signals "started" before it
+        first takes the lock, so this cannot deadlock)."""
         worker = _Worker()
         self._threads += 1
         worker.thread = threading.Thread(
             target=self._work, args=(worker,), name=f"cluster-worker-{self._threads}", daemon=True
         )
         self._pool.add(worker)
-        return worker
+        worker.thread.start()
 
-    def _abandon_locked(self, worker: object) -> _Worker | None:
+    def _abandon_locked(self, worker: object) -> None:
         """A worker is stuck in an abandoned attempt: replace it (unless shutting down)."""
         self._pool.discard(worker)
         self._abandoned += 1
-        if self._state == _TERMINATED:
-            return None
-        return self._spawn_locked()
+        if self._state != _TERMINATED:
+            self._spawn_locked()
 
     def _wake_all_locked(self) -> None:
         for worker in self._idle:
@@ -480,7 +480,6 @@ class Cluster:
     def _work(self, me: _Worker) -> None:
         """A pool worker's loop; returns when the pool shuts down or its attempt is abandoned."""
         _LOCAL.cluster = self
-        _LOCAL.worker = me
         sched = self._sched
         clock = time.monotonic
         current = _CURRENT
@@ -496,9 +495,6 @@ class Cluster:
             timeout: float | None = -1.0  # < 0: no wait, run ``task``
             # Read self._lock every time: a forked child replaces it.
             with self._lock:
-                if me.owed:
-                    self._settle_locked(me.owed)
-                    me.owed = 0
                 now = clock()
                 if me.idle:  # woke by timeout: leave the idle list
                     self._idle.remove(me)
@@ -514,15 +510,12 @@ class Cluster:
                         self._abandoned -= 1
                         return
                     if code == DONE:
-                        if task.sinks is None:  # type: ignore[union-attr]
-                            self._settle_locked(1)  # nothing to deliver
-                        else:
-                            me.owed = 1
-                        opts = task.opts  # type: ignore[union-attr]
-                        if me.owed or opts.on_complete or opts.on_failure:
-                            # Deliver before taking the next task, so that neither its
-                            # deadline nor its abandonment waits on this delivery.
+                        self._settle_locked(1)
+                        if task.sinks is not None:  # type: ignore[union-attr]
+                            me.owed = True  # until its sinks are served, below
                             done = task
+                        elif task.opts is not DEFAULT_OPTIONS:  # type: ignore[union-attr]
+                            done = task  # may have callbacks
                     elif code == SLEEP:
                         sleeping = task.ctx  # type: ignore[union-attr]
                     elif code == REQUEUED and task.start < self._timer_target:  # type: ignore[union-attr,operator]
@@ -540,12 +533,12 @@ class Cluster:
                     sleeping = None
                 if sleeping is not None:
                     timeout = 0.0  # sleep on the retry's context instead, below
-                elif done is not None:
-                    timeout = 0.0  # deliver, then settle it and take the next task
                 elif task is None:
                     task = self._take_locked(me, now)
                     if task is not None:
                         ctx = task.ctx
+                    elif done is not None:
+                        timeout = 0.0  # deliver, then decide whether to sleep
                     elif self._state == _TERMINATED or (
                         self._state == _STOPPING and not self._unsettled
                     ):
@@ -561,7 +554,7 @@ class Cluster:
                             timeout = min(due - now, MAX_WAIT)
             # ---- outside the lock ----
             if done is not None:
-                self._deliver(done, True)
+                self._deliver(done, True, me)
                 done = None
             if timeout is None or timeout >= 0:
                 if sleeping is not None:
@@ -612,7 +605,6 @@ class Cluster:
         _LOCAL.cluster = self
         sched = self._sched
         while True:
-            started: list[_Worker] = []
             with self._lock:
                 while True:
                     if self._state == _TERMINATED:
@@ -631,9 +623,7 @@ class Cluster:
                 now = time.monotonic()
                 for ctx in expired:
                     if ctx._worker is not None:
-                        replacement = self._abandon_locked(ctx._worker)
-                        if replacement is not None:
-                            started.append(replacement)
+                        self._abandon_locked(ctx._worker)
                     task: Task = ctx._task  # type: ignore[assignment]
                     error = TaskTimeoutError(
                         f"task {task.id!r} attempt {ctx.attempt} timed out after "
@@ -654,13 +644,11 @@ class Cluster:
                         done.append(task)
                     elif code == REQUEUED and task.start < self._timer_target:  # type: ignore[operator]
                         self._wake_timekeeper_locked()
-            self._deliver_all(done)  # Results first; starting threads takes a while
-            for worker in started:
-                worker.thread.start()  # type: ignore[union-attr]
+            self._deliver_all(done)
 
     # ------------------------------------------------------------------ delivery
 
-    def _deliver(self, task: Task, inline: bool) -> None:
+    def _deliver(self, task: Task, inline: bool, worker: _Worker | None = None) -> None:
         """Hand a terminal task's Result to its sinks, then run (or queue) its callbacks."""
         sinks = task.sinks
         if sinks is not None:
@@ -668,6 +656,11 @@ class Cluster:
             for sink in sinks:
                 sink(result)
             task.sinks = None
+            if worker is not None:
+                worker.owed = False  # before reading the state: see stop()
+                if self._state >= _STOPPING:
+                    with self._lock:
+                        self._settled.notify_all()
         opts = task.opts
         if opts.on_complete is not None or opts.on_failure is not None:
             if inline:
