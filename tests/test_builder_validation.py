@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from _helpers import is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -21,7 +22,6 @@ from cluster import (
     FixedBackoff,
     LinearBackoff,
     RetryMode,
-    TaskNotFoundError,
     current,
 )
 
@@ -34,23 +34,6 @@ SLACK = 0.02  # clock granularity between the test's clock reading and the clust
 
 def noop() -> None:
     return None
-
-
-def wait_until(cond: Callable[[], bool], deadline: float = WAIT) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
-def is_purged(c: Cluster, task_id: str) -> bool:
-    try:
-        c.subscribe(task_id)
-    except TaskNotFoundError:
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- fluent API

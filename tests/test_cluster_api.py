@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+from _helpers import is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -64,23 +65,6 @@ def hold_worker(c: Cluster, gate: threading.Event, priority: int = 10**6) -> Any
     handle = c.add_task(blocker).with_priority(priority).submit()
     assert started.wait(WAIT), "blocker task never started"
     return handle
-
-
-def wait_until(cond: Callable[[], bool], deadline: float = WAIT) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
-def is_purged(c: Cluster, task_id: str) -> bool:
-    try:
-        c.subscribe(task_id)
-    except TaskNotFoundError:
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- construction

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _helpers import is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -34,23 +35,6 @@ NewEvent = Callable[[], threading.Event]
 
 WAIT = 5.0
 SLACK = 0.02
-
-
-def wait_until(cond: Callable[[], bool], deadline: float = WAIT) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
-def is_purged(c: Cluster, task_id: str) -> bool:
-    try:
-        c.subscribe(task_id)
-    except TaskNotFoundError:
-        return True
-    return False
 
 
 def fail_with(exc: BaseException) -> Callable[[], None]:

@@ -1,0 +1,29 @@
+"""Small helpers shared by the SPEC integration tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cluster import Cluster, TaskNotFoundError
+
+WAIT = 5.0
+
+
+def wait_until(cond: Callable[[], bool], deadline: float = WAIT) -> bool:
+    """Poll ``cond`` until true or ``deadline`` seconds pass (only for time-based outcomes)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def is_purged(c: Cluster, task_id: str) -> bool:
+    """True if ``task_id`` is no longer known to ``c``."""
+    try:
+        c.subscribe(task_id)
+    except TaskNotFoundError:
+        return True
+    return False
