@@ -73,6 +73,30 @@ _LOCAL = threading.local()
 _LIVE: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
+#: How many times a contended hot-path acquire yields the GIL before it blocks.
+_SPINS = 64
+
+
+def _acquire_contended(lock: threading.Lock) -> None:
+    """Take ``lock``, found held, without starting a lock convoy.
+
+    A blocking ``acquire`` releases the GIL and, once woken, owns the lock while it
+    waits to get the GIL back; the thread that holds the GIL soon needs the lock
+    again and blocks in turn, and from then on every hand-off between the
+    submitter and the workers costs context switches (measured: 8 µs per task
+    instead of 3). Whoever holds the lock now is waiting for the GIL, so yield it
+    (``sleep(0)``) and retry: the lock is then only ever taken with the GIL held.
+    A holder that is not waiting for the GIL (it is starting a thread) ends the
+    spinning with a normal blocking acquire.
+    """
+    sleep = time.sleep
+    for _ in range(_SPINS):
+        sleep(0)
+        if lock.acquire(False):
+            return
+    lock.acquire()
+
+
 def wait_event(event: threading.Event, timeout: float | None) -> bool:
     """``event.wait(timeout)`` that accepts any finite timeout without overflowing."""
     if timeout is None:
@@ -265,7 +289,10 @@ class Cluster:
         return TaskBuilder(self, Task(fn, args, kwargs))
 
     def _submit(self, task: Task) -> None:
-        with self._lock:
+        lock = self._lock
+        if not lock.acquire(False):
+            _acquire_contended(lock)
+        try:
             if self._state >= _STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; submit() is refused")
             ready = self._sched.submit(task, time.monotonic())
@@ -278,6 +305,8 @@ class Cluster:
                         worker.wake.put(None)
                 elif task.start < self._timer_target:  # type: ignore[operator]
                     self._wake_timekeeper_locked()
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------ queries and control
 
@@ -493,8 +522,10 @@ class Cluster:
         while True:
             done: Task | None = None
             timeout: float | None = -1.0  # < 0: no wait, run ``task``
-            # Read self._lock every time: a forked child replaces it.
-            with self._lock:
+            lock = self._lock  # read every time: a forked child replaces it
+            if not lock.acquire(False):
+                _acquire_contended(lock)
+            try:
                 now = clock()
                 if me.idle:  # woke by timeout: leave the idle list
                     self._idle.remove(me)
@@ -552,6 +583,8 @@ class Cluster:
                             self._timekeeper = me
                             self._timer_target = due
                             timeout = min(due - now, MAX_WAIT)
+            finally:
+                lock.release()
             # ---- outside the lock ----
             if done is not None:
                 self._deliver(done, True, me)
