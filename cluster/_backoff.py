@@ -85,6 +85,4 @@ class ExponentialBackoff:
         return delay if self.max is None else min(delay, self.max)
 
     def __repr__(self) -> str:
-        return (
-            f"ExponentialBackoff({self.base!r}, {self.multiplier!r}, max={self.max!r})"
-        )
+        return f"ExponentialBackoff({self.base!r}, {self.multiplier!r}, max={self.max!r})"

@@ -538,5 +538,3 @@ class Scheduler:
             "deadlines": len(self._deadlines),
             "expiry": len(self._expiry),
         }
-
-

@@ -140,9 +140,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.stale: list[tuple[Rec, TaskContext]] = []  # abandoned attempts
         self.retries_allowed = True
         self.steps = 0  # rules run so far (a late shutdown keeps retries common)
-        self.expect = dict.fromkeys(
-            ("succeeded", "failed", "cancelled", "timed_out", "retried"), 0
-        )
+        self.expect = dict.fromkeys(("succeeded", "failed", "cancelled", "timed_out", "retried"), 0)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -159,8 +157,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert r.task.state is TERMINAL[state]
         assert r.task.finished_at == self.now
 
-    def after_failure(self, r: Rec, error: BaseException, delay: float | None, code: int,
-                      may_sleep: bool) -> None:
+    def after_failure(
+        self, r: Rec, error: BaseException, delay: float | None, code: int, may_sleep: bool
+    ) -> None:
         """Check the core's decision for a failed attempt and update the model."""
         retryable = isinstance(error, Exception) and not isinstance(error, TaskCancelledError)
         wants_retry = retryable and r.attempts <= r.retries
@@ -295,8 +294,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(r.state == "running" for r in self.recs))
     @rule(
         pick=st.integers(0, 100),
-        outcome=st.sampled_from(["ok", "ok", "boom", "boom", "kbd", "cancelled_err",
-                                 "timeout_err"]),
+        outcome=st.sampled_from(
+            ["ok", "ok", "boom", "boom", "kbd", "cancelled_err", "timeout_err"]
+        ),
     )
     def finish(self, pick: int, outcome: str) -> None:
         running = self.by_state("running")
@@ -379,9 +379,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     def late_return(self, pick: int, ok: bool) -> None:
         """An abandoned attempt returns or raises late: STALE, nothing changes."""
         r, ctx = self.stale.pop(pick % len(self.stale))
-        before = (r.task.state, r.task.value, r.task.error, r.task.attempts,
-                  self.s.queued, self.s.delayed, self.s.running, self.s.succeeded,
-                  self.s.failed, self.s.retried)
+        before = (
+            r.task.state,
+            r.task.value,
+            r.task.error,
+            r.task.attempts,
+            self.s.queued,
+            self.s.delayed,
+            self.s.running,
+            self.s.succeeded,
+            self.s.failed,
+            self.s.retried,
+        )
         if ok:
             code = self.s.finish(r.task, ctx, "late", None, None, self.now)
         else:
@@ -390,9 +399,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         if r.state != "detached":
             code = self.s.fail_detached(ctx, TaskTimeoutError("late"), 0.0, self.now)
             assert code == STALE
-        after = (r.task.state, r.task.value, r.task.error, r.task.attempts,
-                 self.s.queued, self.s.delayed, self.s.running, self.s.succeeded,
-                 self.s.failed, self.s.retried)
+        after = (
+            r.task.state,
+            r.task.value,
+            r.task.error,
+            r.task.attempts,
+            self.s.queued,
+            self.s.delayed,
+            self.s.running,
+            self.s.succeeded,
+            self.s.failed,
+            self.s.retried,
+        )
         assert after == before
 
     @precondition(lambda self: bool(self.recs))
@@ -500,8 +518,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.s
         assert s.submitted == len(self.recs)
         assert (s.succeeded, s.failed, s.cancelled, s.timed_out, s.retried) == (
-            self.expect["succeeded"], self.expect["failed"], self.expect["cancelled"],
-            self.expect["timed_out"], self.expect["retried"],
+            self.expect["succeeded"],
+            self.expect["failed"],
+            self.expect["cancelled"],
+            self.expect["timed_out"],
+            self.expect["retried"],
         )
         assert_balanced(s)
 
