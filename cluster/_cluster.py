@@ -321,7 +321,7 @@ class Cluster:
         if task.state.terminal:
             queue.put(task.result())
         else:
-            self._add_sink_locked(task, queue.put)
+            self._add_sink_locked(task, queue)
         return queue
 
     @staticmethod
@@ -687,11 +687,17 @@ class Cluster:
         if sinks is not None:
             result = task.result()
             for sink in sinks:
-                sink(result)
+                if type(sink) is SimpleQueue:
+                    sink.put(result)
+                else:
+                    sink(result)  # type: ignore[operator]
             task.sinks = None
             if worker is not None:
-                worker.owed = False  # before reading the state: see stop()
-                if self._state >= _STOPPING:
+                # Clear owed before reading the state: see stop(). Only the last owed
+                # worker of a stop needs to wake it: while tasks are unsettled, the
+                # last settle does (stop() never sees _unsettled grow again).
+                worker.owed = False
+                if self._state >= _STOPPING and not self._unsettled:
                     with self._lock:
                         self._settled.notify_all()
         opts = task.opts

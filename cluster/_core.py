@@ -85,23 +85,21 @@ def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float |
     return delay
 
 
-Entry = tuple[float, int, Task]  # (start, seq, task)
-
-
 class _Bucket:
     """The due tasks of one priority, in (start, seq) order.
 
-    Entries almost always arrive in order (a task due now has the latest start),
-    so they go to ``fifo`` in O(1); the rare out-of-order entry (a past start
-    time, a promoted timer) goes to the small ``heap``. The next entry is the
-    lesser of the two heads.
+    Tasks almost always arrive in order (a task due now has the latest start), so
+    they go to ``fifo`` in O(1); the rare out-of-order task (a past start time, a
+    promoted timer) goes to the small ``heap`` (ordered by ``Task.__lt__``). The
+    next task is the lesser of the two heads. Both hold the tasks themselves: no
+    tuple per queued task.
     """
 
     __slots__ = ("fifo", "heap")
 
     def __init__(self) -> None:
-        self.fifo: deque[Entry] = deque()
-        self.heap: list[Entry] = []
+        self.fifo: deque[Task] = deque()
+        self.heap: list[Task] = []
 
 
 class ReadyQueue:
@@ -121,42 +119,49 @@ class ReadyQueue:
     def __len__(self) -> int:
         return self._count
 
-    def push(self, priority: int, entry: Entry) -> None:
-        """Add ``entry`` (start, seq, task) at ``priority``."""
+    def push(self, task: Task) -> None:
+        """Add ``task`` (its priority, start and seq are set) to its priority's bucket."""
+        priority = task.priority
         bucket = self._buckets.get(priority)
         if bucket is None:
             bucket = self._buckets[priority] = _Bucket()
             heappush(self._priorities, -priority)
         fifo = bucket.fifo
-        if not fifo or fifo[-1] < entry:
-            fifo.append(entry)
+        if fifo:
+            last = fifo[-1]
+            start = task.start
+            # Inlined ``last < task``: this runs once per submitted task.
+            if last.start < start or (last.start == start and last.seq < task.seq):  # type: ignore[operator]
+                fifo.append(task)
+            else:
+                heappush(bucket.heap, task)
         else:
-            heappush(bucket.heap, entry)
+            fifo.append(task)
         self._count += 1
 
     def pop(self) -> Task | None:
-        """Remove and return the first entry's task (dead or alive), or None if empty."""
+        """Remove and return the first task (dead or alive), or None if empty."""
         priorities = self._priorities
         while priorities:
             bucket = self._buckets[-priorities[0]]
             fifo = bucket.fifo
             heap = bucket.heap
             if fifo:
-                entry = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
+                task = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
             elif heap:
-                entry = heappop(heap)
+                task = heappop(heap)
             else:  # an emptied bucket: drop it
                 del self._buckets[-heappop(priorities)]
                 continue
             self._count -= 1
-            return entry[2]
+            return task
         return None
 
     def compact(self, alive: Callable[[Task], bool]) -> None:
         """Drop every entry whose task is not ``alive``."""
         for priority, bucket in list(self._buckets.items()):
-            bucket.fifo = deque(e for e in bucket.fifo if alive(e[2]))
-            bucket.heap = [e for e in bucket.heap if alive(e[2])]
+            bucket.fifo = deque(t for t in bucket.fifo if alive(t))
+            bucket.heap = [t for t in bucket.heap if alive(t)]
             heapify(bucket.heap)
             if not bucket.fifo and not bucket.heap:
                 del self._buckets[priority]
@@ -220,7 +225,7 @@ class Scheduler:
         elif tid in tasks:
             raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
         tasks[tid] = task
-        seq = task.seq = self._seq()
+        task.seq = self._seq()
         task.submitted_at = now
         self.submitted += 1
         start = task.start
@@ -228,7 +233,7 @@ class Scheduler:
             if start is None:
                 start = task.start = now
             self.queued += 1
-            self._ready.push(task.priority, (start, seq, task))
+            self._ready.push(task)
             return True
         task.state = DELAYED
         self.delayed += 1
@@ -305,7 +310,7 @@ class Scheduler:
                 task.state = PENDING
                 self.delayed -= 1
                 self.queued += 1
-                ready.push(task.priority, (task.start, task.seq, task))  # type: ignore[arg-type]
+                ready.push(task)
             else:
                 self._timer_dead -= 1
 

@@ -14,15 +14,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from queue import SimpleQueue
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from ._backoff import FixedBackoff, RetryMode
 from ._errors import TaskCancelledError, TaskTimeoutError
 
 T = TypeVar("T")
 
-#: What a subscriber, a handle waiter or a future registers to hear the result.
-Sink = Callable[["Result[Any]"], object]
+#: What a subscriber, a handle waiter or a future registers to hear the result: a
+#: subscriber's queue itself (no bound method per subscription), or a callable.
+Sink: TypeAlias = "SimpleQueue[Result[Any]] | Callable[[Result[Any]], object]"
 #: ``on_complete(task_id, value, error)``.
 CompleteCallback = Callable[[str, Any, "BaseException | None"], object]
 #: ``on_failure(task_id, error)``.
