@@ -11,7 +11,15 @@ from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backoff import RetryMode
-from ._task import DEFAULT_OPTIONS, CompleteCallback, FailureCallback, Options, Result, Task
+from ._task import (
+    DEFAULT_OPTIONS,
+    TERMINAL,
+    CompleteCallback,
+    FailureCallback,
+    Options,
+    Result,
+    Task,
+)
 from ._validate import Duration, function, integer, seconds
 
 if TYPE_CHECKING:
@@ -41,7 +49,9 @@ class TaskBuilder(Generic[T]):
         return task
 
     def _options(self) -> Options:
-        task = self._live()
+        task = self._task
+        if task is None:
+            raise RuntimeError("this TaskBuilder was already submitted")
         opts = task.opts
         if opts is DEFAULT_OPTIONS:  # copy on first write: plain tasks share one
             opts = task.opts = DEFAULT_OPTIONS.copy()
@@ -170,7 +180,7 @@ class TaskHandle(Generic[T]):
 
     def done(self) -> bool:
         """True once the task is terminal."""
-        return self._task.state.terminal
+        return self._task.state in TERMINAL
 
     def wait(self, timeout: Duration | None = None) -> Result[T] | None:
         """The Result once terminal, or None if ``timeout`` seconds pass first."""
@@ -190,7 +200,7 @@ class TaskHandle(Generic[T]):
 
     def subscribe(self) -> SimpleQueue[Result[Any]]:
         """A new queue that receives the Result (at once if already terminal)."""
-        return self._cluster._subscribe_task(self._task)
+        return self._cluster._subscribe(self._task)
 
     def future(self) -> Future[T]:
         """A concurrent.futures.Future of the value; cancelling it cancels the task."""

@@ -43,6 +43,7 @@ from ._errors import ClusterStoppedError, StopTimeoutError, TaskTimeoutError
 from ._task import (
     _CURRENT,
     DEFAULT_OPTIONS,
+    TERMINAL,
     ClusterStats,
     Result,
     Sink,
@@ -312,16 +313,23 @@ class Cluster:
 
     def subscribe(self, task_id: str) -> SimpleQueue[Result[Any]]:
         """A new queue that will receive the task's Result exactly once."""
-        with self._lock:
-            task = self._sched.lookup(task_id, time.monotonic())
-            return self._subscribe_locked(task)
+        return self._subscribe(None, task_id)
 
-    def _subscribe_locked(self, task: Task) -> SimpleQueue[Result[Any]]:
+    def _subscribe(self, task: Task | None, task_id: str = "") -> SimpleQueue[Result[Any]]:
+        """Subscribe to ``task`` (or the task with ``task_id``)."""
         queue: SimpleQueue[Result[Any]] = SimpleQueue()
-        if task.state.terminal:
-            queue.put(task.result())
-        else:
-            self._add_sink_locked(task, queue)
+        lock = self._lock
+        if not lock.acquire(False):
+            _acquire_contended(lock)
+        try:
+            if task is None:
+                task = self._sched.lookup(task_id, time.monotonic())
+            if task.state not in TERMINAL:
+                self._add_sink_locked(task, queue)
+                return queue
+        finally:
+            lock.release()
+        queue.put(task.result())  # terminal: the Result no longer changes
         return queue
 
     @staticmethod
@@ -337,7 +345,10 @@ class Cluster:
 
     def _cancel(self, task: Task | None, task_id: str = "") -> bool:
         """Cancel ``task`` (or the task with ``task_id``) in one critical section."""
-        with self._lock:
+        lock = self._lock
+        if not lock.acquire(False):
+            _acquire_contended(lock)
+        try:
             now = time.monotonic()
             if task is None:
                 task = self._sched.lookup(task_id, now)
@@ -348,6 +359,8 @@ class Cluster:
             quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
             if cancelled and quiet:
                 self._settle_locked(1)  # nothing to deliver
+        finally:
+            lock.release()
         if cancelled and not quiet:
             self._deliver_all([task])
         return cancelled
@@ -405,9 +418,9 @@ class Cluster:
     # ------------------------------------------------------------------ handle support
 
     def _wait(self, task: Task, timeout: float | None) -> Result[Any] | None:
-        if not task.state.terminal:
+        if task.state not in TERMINAL:
             with self._lock:
-                if task.state.terminal:
+                if task.state in TERMINAL:
                     return task.result()
                 # One shared event per task, so that polling wait(0.01) adds nothing.
                 for sink in task.sinks or ():
@@ -419,10 +432,6 @@ class Cluster:
             if not wait_event(sink.event, timeout):
                 return None
         return task.result()
-
-    def _subscribe_task(self, task: Task) -> SimpleQueue[Result[Any]]:
-        with self._lock:
-            return self._subscribe_locked(task)
 
     def _future(self, task: Task) -> Future[Any]:
         future: Future[Any] = Future()
@@ -437,7 +446,7 @@ class Cluster:
                 pass
 
         with self._lock:
-            if task.state.terminal:
+            if task.state in TERMINAL:
                 settle(task.result())
             else:
                 self._add_sink_locked(task, settle)

@@ -28,7 +28,7 @@ from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
 from ._errors import DuplicateTaskError, TaskCancelledError, TaskNotFoundError, TaskTimeoutError
-from ._task import _NO_KWARGS, Task, TaskContext, TaskState
+from ._task import _NO_KWARGS, TERMINAL, Task, TaskContext, TaskState
 
 log = logging.getLogger("cluster")
 
@@ -471,7 +471,7 @@ class Scheduler:
         """Cancel every task not yet terminal (``running``: running ones too)."""
         done: list[Task] = []
         workers: list[object] = []
-        for task in [t for t in self.tasks.values() if not t.state.terminal]:
+        for task in [t for t in self.tasks.values() if t.state not in TERMINAL]:
             if task.state is RUNNING and not running:
                 continue
             _, worker = self.cancel(task, reason, now)

@@ -43,15 +43,21 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
 
+    # Members are singletons compared by identity, so an identity hash is right and
+    # keeps ``state in TERMINAL`` in C (Enum's own hash runs Python code).
+    __hash__ = object.__hash__
+
     @property
     def terminal(self) -> bool:
         """True for SUCCEEDED, FAILED, CANCELLED and TIMED_OUT."""
-        return self in _TERMINAL
+        return self in TERMINAL
 
 
-_TERMINAL = frozenset(
+#: The terminal states (``state in TERMINAL`` is the fast form of ``state.terminal``).
+TERMINAL = frozenset(
     {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT}
 )
+_PENDING = TaskState.PENDING  # a module constant: Enum member lookup is slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,10 @@ class Options:
         return new
 
 
+_new = object.__new__
+_set_value = Result.__dict__["value"].__set__
+_set_error = Result.__dict__["error"].__set__
+
 DEFAULT_OPTIONS = Options()
 _NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
 
@@ -196,7 +206,7 @@ class Task:
         # and submitted_at; left unset until then to keep the builder cheap.
         self.seq: int
         self.submitted_at: float
-        self.state = TaskState.PENDING
+        self.state = _PENDING
         self.attempts = 0
         self.ctx: TaskContext | None = None  # the current attempt's context
         self.value: Any = None
@@ -214,7 +224,12 @@ class Task:
 
     def result(self) -> Result[Any]:
         """The terminal Result (only meaningful once the state is terminal)."""
-        return Result(self.value, self.error)
+        # Result's frozen __init__ sets each field through object.__setattr__; its
+        # slot descriptors do the same job at half the cost, once per task.
+        result: Result[Any] = _new(Result)
+        _set_value(result, self.value)
+        _set_error(result, self.error)
+        return result
 
     def __repr__(self) -> str:
         return f"<Task {self.id!r} {self.state.value} priority={self.priority}>"
