@@ -23,7 +23,6 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
@@ -157,11 +156,11 @@ class ReadyQueue:
             return task
         return None
 
-    def compact(self, alive: Callable[[Task], bool]) -> None:
-        """Drop every entry whose task is not ``alive``."""
+    def compact(self) -> None:
+        """Drop every dead entry (a task no longer PENDING)."""
         for priority, bucket in list(self._buckets.items()):
-            bucket.fifo = deque(t for t in bucket.fifo if alive(t))
-            bucket.heap = [t for t in bucket.heap if alive(t)]
+            bucket.fifo = deque([t for t in bucket.fifo if t.state is PENDING])
+            bucket.heap = [t for t in bucket.heap if t.state is PENDING]
             heapify(bucket.heap)
             if not bucket.fifo and not bucket.heap:
                 del self._buckets[priority]
@@ -174,10 +173,6 @@ class ReadyQueue:
         self._buckets.clear()
         self._priorities.clear()
         self._count = 0
-
-
-def _pending(task: Task) -> bool:
-    return task.state is PENDING
 
 
 def _waiting(task: Task) -> bool:
@@ -242,12 +237,15 @@ class Scheduler:
 
     def lookup(self, task_id: str, now: float) -> Task:
         """The task with this id; TaskNotFoundError if unknown or purged."""
-        if not isinstance(task_id, str):
-            raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
         if self._expiry and self._expiry[0][0] <= now:
             self.purge(now)
-        task = self.tasks.get(task_id)
+        try:
+            task = self.tasks.get(task_id)
+        except TypeError:  # unhashable
+            task = None
         if task is None:
+            if not isinstance(task_id, str):
+                raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
             raise TaskNotFoundError(
                 f"no task with id {task_id!r} (unknown, or finished and purged)"
             )
@@ -463,8 +461,11 @@ class Scheduler:
             return False, None
         task.ctx = None
         error = TaskCancelledError(f"task {task.id!r} was {_CANCEL_WORDS[reason]}")
-        self._finalize(task, CANCELLED, None, error, now)
-        self._compact()
+        self._finalize(task, CANCELLED, None, error, now)  # before compacting: now dead
+        if state is PENDING:
+            self._compact_ready()
+        elif self._timer_dead:
+            self._compact_timers()
         return True, worker
 
     def cancel_all(self, reason: str, now: float, running: bool) -> tuple[list[Task], list[object]]:
@@ -480,19 +481,26 @@ class Scheduler:
                 workers.append(worker)
         return done, workers
 
-    def _compact(self) -> None:
+    def _compact_ready(self) -> None:
+        """After a queued task died: rebuild the ready queue once dead entries are the
+        majority (O(live), so amortised O(1) per cancel); just clear it if all are."""
         ready = self._ready
-        if self._ready_dead == len(ready):
+        dead = self._ready_dead
+        if dead == ready._count:
             ready.clear()
             self._ready_dead = 0
-        elif self._ready_dead > _COMPACT_MIN and 2 * self._ready_dead > len(ready):
-            ready.compact(_pending)
+        elif dead > _COMPACT_MIN and 2 * dead > ready._count:
+            ready.compact()
             self._ready_dead = 0
+
+    def _compact_timers(self) -> None:
+        """The same for the timer heap, after a waiting task died."""
         timers = self._timers
-        if self._timer_dead == len(timers):
+        dead = self._timer_dead
+        if dead == len(timers):
             timers.clear()
             self._timer_dead = 0
-        elif self._timer_dead > _COMPACT_MIN and 2 * self._timer_dead > len(timers):
+        elif dead > _COMPACT_MIN and 2 * dead > len(timers):
             timers[:] = [t for t in timers if _waiting(t)]
             heapify(timers)
             self._timer_dead = 0
