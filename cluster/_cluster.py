@@ -325,7 +325,11 @@ class Cluster:
             if task is None:
                 task = self._sched.lookup(task_id, time.monotonic())
             if task.state not in TERMINAL:
-                self._add_sink_locked(task, queue)
+                sinks = task.sinks
+                if sinks is None:
+                    task.sinks = [queue]
+                else:
+                    sinks.append(queue)
                 return queue
         finally:
             lock.release()

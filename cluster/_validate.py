@@ -16,6 +16,8 @@ Duration = float | int | timedelta
 
 def seconds(value: object, name: str, *, positive: bool = False) -> float:
     """Return ``value`` as finite seconds >= 0 (> 0 if ``positive``)."""
+    if type(value) is float and 0 <= value < math.inf and (value or not positive):
+        return value  # the common case, checked at once
     if isinstance(value, timedelta):
         result = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -37,7 +39,7 @@ def seconds(value: object, name: str, *, positive: bool = False) -> float:
 
 def integer(value: object, name: str, *, minimum: int | None = None) -> int:
     """Return ``value`` if it is an ``int`` (not ``bool``) >= ``minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
