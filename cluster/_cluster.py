@@ -13,6 +13,10 @@ All scheduling decisions are made by the thread-free ``Scheduler`` while
   settles the task (retry or TaskTimeoutError) and replaces the stuck worker, so
   the pool stays at full strength; the stuck thread exits when its call returns
   and its late value is dropped.
+* Locking. One lock, ``Cluster._lock``, guards the scheduler and every field
+  marked below. The hot paths (submit, subscribe, cancel, the worker loop) take it
+  through ``_acquire_contended`` when it is held, which yields the GIL instead of
+  blocking: see there for the lock convoy this avoids.
 * Delivery. The thread that makes a task terminal delivers its Result to every
   sink (subscriber queue, handle waiter, future) outside the lock, then runs the
   callbacks: inline on a worker, or on the callback thread when the task ended by
