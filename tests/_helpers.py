@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
 from cluster import Cluster, TaskNotFoundError
 
-WAIT = 5.0
+WAIT = 5.0  #: generous bound for anything that must happen "at once"
+
+#: The conftest fixtures: a cluster factory that stops what it made, and an Event
+#: factory that sets every event at teardown (so no test thread outlives its test).
+MakeCluster = Callable[..., Cluster]
+NewEvent = Callable[[], threading.Event]
 
 
 def wait_until(cond: Callable[[], bool], deadline: float = WAIT) -> bool:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from _helpers import is_purged, wait_until
+from _helpers import WAIT, MakeCluster, NewEvent, is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -25,10 +25,6 @@ from cluster import (
     current,
 )
 
-MakeCluster = Callable[..., Cluster]
-NewEvent = Callable[[], threading.Event]
-
-WAIT = 5.0
 SLACK = 0.02  # clock granularity between the test's clock reading and the cluster's
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from _helpers import is_purged, wait_until
+from _helpers import WAIT, MakeCluster, NewEvent, is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -25,11 +25,7 @@ from cluster import (
     current,
 )
 
-MakeCluster = Callable[..., Cluster]
-NewEvent = Callable[[], threading.Event]
 T = TypeVar("T")
-
-WAIT = 5.0  # generous bound for anything that must happen "at once"
 
 
 def get(q: queue.SimpleQueue[T], timeout: float = WAIT) -> T:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
+from _helpers import WAIT, MakeCluster, NewEvent
 
 from cluster import (
     Cluster,
@@ -24,11 +25,8 @@ from cluster import (
     current,
 )
 
-MakeCluster = Callable[..., Cluster]
-NewEvent = Callable[[], threading.Event]
 T = TypeVar("T")
 
-WAIT = 5.0
 SLACK = 0.02
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _helpers import is_purged, wait_until
+from _helpers import WAIT, MakeCluster, NewEvent, is_purged, wait_until
 
 from cluster import (
     Cluster,
@@ -30,10 +30,6 @@ from cluster import (
     TaskTimeoutError,
 )
 
-MakeCluster = Callable[..., Cluster]
-NewEvent = Callable[[], threading.Event]
-
-WAIT = 5.0
 SLACK = 0.02
 
 
