@@ -48,8 +48,6 @@ SLEEP = 3  #: RetryMode.IMMEDIATE: sleep the backoff on task.ctx, then ``resume`
 
 _COMPACT_MIN = 64  # dead heap entries tolerated before a rebuild is considered
 
-_CANCEL_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
-
 
 def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float | None:
     """Seconds to wait before retrying ``task`` after ``error``; None: no retry.
@@ -370,7 +368,7 @@ class Scheduler:
             self.retried += 1
             self.delayed += 1
             task.state = RETRYING
-            task.error = error
+            task._error = error
             task.start = now + delay
             if may_sleep and task.opts.retry_mode is RetryMode.IMMEDIATE:
                 # The worker sleeps on this context's event: cancel and stop set it.
@@ -460,11 +458,13 @@ class Scheduler:
         else:
             return False, None
         task.ctx = None
-        error = TaskCancelledError(f"task {task.id!r} was {_CANCEL_WORDS[reason]}")
-        self._finalize(task, CANCELLED, None, error, now)  # before compacting: now dead
+        # The reason stands for the TaskCancelledError, created when first read.
+        self._finalize(task, CANCELLED, None, reason, now)  # before compacting: now dead
+        # Both compactions need dead entries to be the majority: test that first.
         if state is PENDING:
-            self._compact_ready()
-        elif self._timer_dead:
+            if 2 * self._ready_dead > self._ready._count:
+                self._compact_ready()
+        elif 2 * self._timer_dead > len(self._timers):
             self._compact_timers()
         return True, worker
 
@@ -508,12 +508,20 @@ class Scheduler:
     # -- terminal transition ----------------------------------------------------
 
     def _finalize(
-        self, task: Task, state: TaskState, value: object, error: BaseException | None, now: float
+        self,
+        task: Task,
+        state: TaskState,
+        value: object,
+        error: BaseException | str | None,
+        now: float,
     ) -> None:
-        """The one terminal transition of a task (the caller checked it was live)."""
+        """The one terminal transition of a task (the caller checked it was live).
+
+        ``error`` is the exception, or for CANCELLED the reason (see ``Task.error``).
+        """
         task.state = state
         task.value = value
-        task.error = error
+        task._error = error
         task.finished_at = now
         task.fn = None  # drop references to the work itself at once
         task.args = ()

@@ -163,6 +163,14 @@ DEFAULT_OPTIONS = Options()
 _NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
 
 
+# Guards what is created lazily, by whichever thread first needs it: a
+# TaskContext's event (against a concurrent signal) and a cancelled task's error.
+# Always taken last (after a cluster lock, never before one).
+_GUARD = threading.Lock()
+
+_REASON_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
+
+
 class Task:
     """The scheduler's record of one submitted task.
 
@@ -172,10 +180,10 @@ class Task:
     """
 
     __slots__ = (
+        "_error",
         "args",
         "attempts",
         "ctx",
-        "error",
         "finished_at",
         "fn",
         "id",
@@ -210,7 +218,9 @@ class Task:
         self.attempts = 0
         self.ctx: TaskContext | None = None  # the current attempt's context
         self.value: Any = None
-        self.error: BaseException | None = None
+        # The error, or for a cancelled task the reason (a str) until ``error`` is
+        # first read: cancelling creates no exception (that was most of its cost).
+        self._error: BaseException | str | None = None
         self.sinks: list[Sink] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -221,6 +231,19 @@ class Task:
         start = self.start
         other_start = other.start
         return start < other_start or (start == other_start and self.seq < other.seq)  # type: ignore[operator]
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that ended the task (or its last failed attempt), or None."""
+        error = self._error
+        if type(error) is str:
+            with _GUARD:  # so that every reader gets the same exception object
+                error = self._error
+                if type(error) is str:
+                    error = self._error = TaskCancelledError(
+                        f"task {self.id!r} was {_REASON_WORDS[error]}"
+                    )
+        return error  # type: ignore[return-value]
 
     def result(self) -> Result[Any]:
         """The terminal Result (only meaningful once the state is terminal)."""
@@ -233,11 +256,6 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.id!r} {self.state.value} priority={self.priority}>"
-
-
-# Guards the lazy creation of TaskContext events against a concurrent signal.
-# Always taken last (after a cluster lock, never before one).
-_EVENT_GUARD = threading.Lock()
 
 
 class TaskContext:
@@ -259,7 +277,7 @@ class TaskContext:
         """Set when this attempt is cancelled, times out, or the cluster shuts down."""
         event = self._event
         if event is None:
-            with _EVENT_GUARD:
+            with _GUARD:
                 event = self._event
                 if event is None:
                     event = self._event = threading.Event()
@@ -289,7 +307,7 @@ class TaskContext:
 
     def signal(self, reason: str) -> None:
         """Mark the attempt as ended by ``reason`` and set its event (internal)."""
-        with _EVENT_GUARD:
+        with _GUARD:
             if self._reason is None:
                 self._reason = reason
             event = self._event
@@ -299,8 +317,6 @@ class TaskContext:
     def __repr__(self) -> str:
         return f"<TaskContext {self.task_id!r} attempt={self.attempt} reason={self._reason}>"
 
-
-_REASON_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
 
 _CURRENT: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("cluster_current")
 
@@ -312,5 +328,5 @@ def current() -> TaskContext:
 
 def reset_after_fork() -> None:
     """Replace the module lock in a forked child, where its holder no longer exists."""
-    global _EVENT_GUARD
-    _EVENT_GUARD = threading.Lock()
+    global _GUARD
+    _GUARD = threading.Lock()
