@@ -176,7 +176,8 @@ class Task:
 
     Every field is guarded by the owning cluster's lock, except that the worker
     running an attempt reads ``fn``/``args``/``kwargs`` (fixed while it runs) and
-    ``TaskContext.progress`` writes ``progress`` (a single attribute store).
+    ``TaskContext.progress`` writes ``progress`` (a single attribute store), and a
+    cancelled task's error is created by its first reader under ``_GUARD``.
     """
 
     __slots__ = (
