@@ -329,11 +329,7 @@ class Cluster:
             if task is None:
                 task = self._sched.lookup(task_id, time.monotonic())
             if task.state not in TERMINAL:
-                sinks = task.sinks
-                if sinks is None:
-                    task.sinks = [queue]
-                else:
-                    sinks.append(queue)
+                self._add_sink_locked(task, queue)
                 return queue
         finally:
             lock.release()

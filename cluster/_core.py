@@ -460,11 +460,9 @@ class Scheduler:
         task.ctx = None
         # The reason stands for the TaskCancelledError, created when first read.
         self._finalize(task, CANCELLED, None, reason, now)  # before compacting: now dead
-        # Both compactions need dead entries to be the majority: test that first.
         if state is PENDING:
-            if 2 * self._ready_dead > self._ready._count:
-                self._compact_ready()
-        elif 2 * self._timer_dead > len(self._timers):
+            self._compact_ready()
+        elif self._timer_dead:
             self._compact_timers()
         return True, worker
 

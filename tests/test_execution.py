@@ -402,6 +402,17 @@ def order_of_retry_and_other(
     return [get(order) for _ in range(3)], flaky
 
 
+def fails_first_attempt(order: queue.SimpleQueue[str]) -> Callable[[], None]:
+    """A task that records "R<attempt>" in ``order`` and fails its first attempt."""
+
+    def r() -> None:
+        order.put(f"R{current().attempt}")
+        if current().attempt == 0:
+            raise RuntimeError("retry me")
+
+    return r
+
+
 def test_requeue_mode_frees_the_worker_during_backoff(
     make_cluster: MakeCluster, new_event: NewEvent
 ) -> None:
@@ -418,12 +429,7 @@ def test_requeue_is_the_default_retry_mode(make_cluster: MakeCluster, new_event:
     gate = new_event()
     hold_worker(c, gate)
     order: queue.SimpleQueue[str] = queue.SimpleQueue()
-
-    def r() -> None:
-        order.put(f"R{current().attempt}")
-        if current().attempt == 0:
-            raise RuntimeError("retry me")
-
+    r = fails_first_attempt(order)
     c.add_task(r).with_priority(5).with_retry(1).with_backoff(FixedBackoff(0.2)).submit()
     c.add_task(order.put, "L").submit()
     gate.set()
@@ -447,12 +453,7 @@ def test_requeued_retry_keeps_its_priority(make_cluster: MakeCluster, new_event:
     gate = new_event()
     hold_worker(c, gate)
     order: queue.SimpleQueue[str] = queue.SimpleQueue()
-
-    def r() -> None:
-        order.put(f"R{current().attempt}")
-        if current().attempt == 0:
-            raise RuntimeError("retry me")
-
+    r = fails_first_attempt(order)
     c.add_task(r).with_priority(5).with_retry(1).with_retry_mode(RetryMode.REQUEUE).submit()
     c.add_task(order.put, "L1").submit()
     c.add_task(order.put, "L2").submit()
