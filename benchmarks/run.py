@@ -423,7 +423,8 @@ def precision_plain(n: int) -> Metrics:
 
 
 def cancel_cluster(n: int) -> Metrics:
-    """n tasks submitted before ``run()``, ``cancel_task(id)`` each, then run + stop."""
+    """n tasks submitted before ``run()``, ``cancel_task(id)`` each, then run + stop;
+    and n more on a second cluster, cancelled through their handles."""
     from cluster import Cluster
 
     c = Cluster(workers=4)
@@ -438,11 +439,28 @@ def cancel_cluster(n: int) -> Metrics:
     _check(cancelled == n, f"cancel_task returned True {cancelled} times of {n}")
     stats = c.stats()
     _check(stats.cancelled == n and stats.succeeded == 0, f"after cancelling all: {stats}")
-    return {"cancels_per_s": n / (t1 - t0), "drain_ms": (t2 - t1) * 1e3}
+
+    c = Cluster(workers=4)
+    handles = [c.add_task(noop).submit() for _ in range(n)]
+    gc.collect()
+    t3 = perf_counter()
+    cancelled = sum(h.cancel() for h in handles)
+    t4 = perf_counter()
+    c.cancel()
+    _check(cancelled == n, f"handle.cancel returned True {cancelled} times of {n}")
+    return {
+        "cancels_per_s": n / (t1 - t0),
+        "handle_cancels_per_s": n / (t4 - t3),
+        "drain_ms": (t2 - t1) * 1e3,
+    }
 
 
 def cancel_tpe(n: int) -> Metrics:
-    """n futures queued behind 4 blocked workers, ``Future.cancel()`` each, release."""
+    """n futures queued behind 4 blocked workers, ``Future.cancel()`` each, release.
+
+    A future is tpe's only handle and its only way to cancel, so its rate stands
+    against both of cluster's: by id and by handle.
+    """
     blocked = BlockedExecutor(4)
     futures: list[Future[None]] = [blocked.executor.submit(noop) for _ in range(n)]
     gc.collect()
@@ -453,7 +471,8 @@ def cancel_tpe(n: int) -> Metrics:
     blocked.executor.shutdown(wait=True)
     t2 = perf_counter()
     _check(cancelled == n, f"Future.cancel returned True {cancelled} times of {n}")
-    return {"cancels_per_s": n / (t1 - t0), "drain_ms": (t2 - t1) * 1e3}
+    rate = n / (t1 - t0)
+    return {"cancels_per_s": rate, "handle_cancels_per_s": rate, "drain_ms": (t2 - t1) * 1e3}
 
 
 def cancel_plain(n: int) -> Metrics:
@@ -603,8 +622,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         100_000,
         2_000,
         {"cluster": cancel_cluster, "tpe": cancel_tpe, "plain": cancel_plain},
-        "cluster/plain not running, tpe workers held; drain_ms: run()/release until "
-        "stop()/shutdown returns. plain cancels lazily (a set of seqs).",
+        "cluster/plain not running, tpe workers held. cancels_per_s: cluster by "
+        "cancel_task(id); handle_cancels_per_s: by TaskHandle.cancel() (tpe: the same "
+        "Future.cancel() for both). drain_ms: run()/release until stop()/shutdown "
+        "returns. plain cancels lazily (a set of seqs).",
     ),
     Scenario(
         "timeout",

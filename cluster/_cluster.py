@@ -93,6 +93,11 @@ def _acquire_contended(lock: threading.Lock) -> None:
     (``sleep(0)``) and retry: the lock is then only ever taken with the GIL held.
     A holder that is not waiting for the GIL (it is starting a thread) ends the
     spinning with a normal blocking acquire.
+
+    The hot paths call it as ``if lock.locked(): _acquire_contended(lock) else:
+    lock.acquire()``: ``locked()`` and a bare ``acquire()`` are cheaper calls than
+    ``acquire(False)``, and in the rare case that another thread takes the lock in
+    between, the blocking ``acquire`` is merely the slow path.
     """
     sleep = time.sleep
     for _ in range(_SPINS):
@@ -233,7 +238,7 @@ class Cluster:
                 self._state = _STOPPING
             if cancel_pending and self._state == _STOPPING:
                 self._sched.retries_allowed = False
-                cancelled, _ = self._sched.cancel_all("shutdown", time.monotonic(), False)
+                cancelled = self._sched.cancel_all("shutdown", time.monotonic(), False)
             self._sched.wake_sleepers()
             self._wake_all_locked()
         self._deliver_all(cancelled)
@@ -267,9 +272,8 @@ class Cluster:
         with self._lock:
             self._state = _TERMINATED
             self._sched.retries_allowed = False
-            done, workers = self._sched.cancel_all("shutdown", time.monotonic(), True)
-            for worker in workers:
-                self._abandon_locked(worker)
+            done = self._sched.cancel_all("shutdown", time.monotonic(), True)
+            self._replace_abandoned_locked()
             self._wake_all_locked()
             self._watchdog_wake.notify()
         self._deliver_all(done)
@@ -295,8 +299,10 @@ class Cluster:
 
     def _submit(self, task: Task) -> None:
         lock = self._lock
-        if not lock.acquire(False):
+        if lock.locked():
             _acquire_contended(lock)
+        else:
+            lock.acquire()
         try:
             if self._state >= _STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; submit() is refused")
@@ -323,8 +329,10 @@ class Cluster:
         """Subscribe to ``task`` (or the task with ``task_id``)."""
         queue: SimpleQueue[Result[Any]] = SimpleQueue()
         lock = self._lock
-        if not lock.acquire(False):
+        if lock.locked():
             _acquire_contended(lock)
+        else:
+            lock.acquire()
         try:
             if task is None:
                 task = self._sched.lookup(task_id, time.monotonic())
@@ -345,29 +353,40 @@ class Cluster:
 
     def cancel_task(self, task_id: str) -> bool:
         """Cancel one task; True if this call cancelled it, False if it had finished."""
-        return self._cancel(None, task_id)
-
-    def _cancel(self, task: Task | None, task_id: str = "") -> bool:
-        """Cancel ``task`` (or the task with ``task_id``) in one critical section."""
-        lock = self._lock
-        if not lock.acquire(False):
-            _acquire_contended(lock)
         try:
-            now = time.monotonic()
-            if task is None:
-                task = self._sched.lookup(task_id, now)
-            cancelled, worker = self._sched.cancel(task, "cancelled", now)
-            if worker is not None:
-                self._abandon_locked(worker)
+            # A lock-free read (atomic dict access) is enough to find a live task: only
+            # terminal ones are purged, and _cancel re-checks the state under the lock.
+            task = self._sched.tasks.get(task_id)
+        except TypeError:  # unhashable: lookup() names the error
+            task = None
+        if task is None or task.state in TERMINAL:
+            with self._lock:
+                task = self._sched.lookup(task_id, time.monotonic())  # or TaskNotFoundError
+        return self._cancel(task)
+
+    def _cancel(self, task: Task) -> bool:
+        """Cancel ``task`` in one critical section; deliver its Result if anyone listens."""
+        lock = self._lock
+        if lock.locked():
+            _acquire_contended(lock)
+        else:
+            lock.acquire()
+        try:
+            sched = self._sched
+            if not sched.cancel(task, "cancelled", time.monotonic()):
+                return False
+            if sched.abandoned:
+                self._replace_abandoned_locked()
             opts = task.opts
-            quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
-            if cancelled and quiet:
-                self._settle_locked(1)  # nothing to deliver
+            if task.sinks is None and opts.on_complete is None and opts.on_failure is None:
+                self._unsettled -= 1  # nothing to deliver: settled already
+                if not self._unsettled:
+                    self._settle_locked(0)
+                return True
         finally:
             lock.release()
-        if cancelled and not quiet:
-            self._deliver_all([task])
-        return cancelled
+        self._deliver_all([task])
+        return True
 
     def info(self, task_id: str) -> TaskInfo:
         """A snapshot of one task (queued, running, or finished and still cached)."""
@@ -471,12 +490,16 @@ class Cluster:
         self._pool.add(worker)
         worker.thread.start()
 
-    def _abandon_locked(self, worker: object) -> None:
-        """A worker is stuck in an abandoned attempt: replace it (unless shutting down)."""
-        self._pool.discard(worker)
-        self._abandoned += 1
-        if self._state != _TERMINATED:
-            self._spawn_locked()
+    def _replace_abandoned_locked(self) -> None:
+        """Workers stuck in an abandoned attempt (``Scheduler.abandoned``): replace each
+        one (unless shutting down)."""
+        abandoned = self._sched.abandoned
+        for worker in abandoned:
+            self._pool.discard(worker)
+            self._abandoned += 1
+            if self._state != _TERMINATED:
+                self._spawn_locked()
+        abandoned.clear()
 
     def _wake_all_locked(self) -> None:
         for worker in self._idle:
@@ -536,8 +559,10 @@ class Cluster:
             done: Task | None = None
             timeout: float | None = -1.0  # < 0: no wait, run ``task``
             lock = self._lock  # read every time: a forked child replaces it
-            if not lock.acquire(False):
+            if lock.locked():
                 _acquire_contended(lock)
+            else:
+                lock.acquire()
             try:
                 now = clock()
                 if me.idle:  # woke by timeout: leave the idle list
@@ -667,9 +692,8 @@ class Cluster:
                 done: list[Task] = []
                 retryable: list[tuple[TaskContext, TaskTimeoutError]] = []
                 now = time.monotonic()
+                self._replace_abandoned_locked()
                 for ctx in expired:
-                    if ctx._worker is not None:
-                        self._abandon_locked(ctx._worker)
                     task: Task = ctx._task  # type: ignore[assignment]
                     error = TaskTimeoutError(
                         f"task {task.id!r} attempt {ctx.attempt} timed out after "

@@ -13,8 +13,10 @@ task always competes on priority.
 
 Cancel is O(1): the task's state becomes terminal and its queue entry is left
 behind as a dead entry, skipped when popped. When dead entries outnumber live
-ones the structure is rebuilt (O(live), so amortised O(1) per cancel), which
-keeps it at most about twice its live size.
+ones they are dropped (amortised O(1) per cancel), which keeps a structure at
+most about twice its live size: the ready queue trims them off the ends of its
+FIFOs, where cancelling in submission order leaves them, and rebuilds only if
+some remain inside.
 """
 
 from __future__ import annotations
@@ -154,8 +156,28 @@ class ReadyQueue:
             return task
         return None
 
-    def compact(self) -> None:
-        """Drop every dead entry (a task no longer PENDING)."""
+    def compact(self, live: int) -> None:
+        """Drop every dead entry, given the number of ``live`` (PENDING) ones.
+
+        Dead entries at either end of a FIFO go one by one, without touching the
+        live ones: cancelling in submission order, or the latest submissions, leaves
+        them there. Only if some remain is the queue rebuilt.
+        """
+        if not live:
+            self.clear()
+            return
+        count = self._count
+        for bucket in self._buckets.values():
+            fifo = bucket.fifo
+            while fifo and fifo[0].state is not PENDING:
+                fifo.popleft()
+                count -= 1
+            while fifo and fifo[-1].state is not PENDING:
+                fifo.pop()
+                count -= 1
+        self._count = count
+        if count == live:
+            return
         for priority, bucket in list(self._buckets.items()):
             bucket.fifo = deque([t for t in bucket.fifo if t.state is PENDING])
             bucket.heap = [t for t in bucket.heap if t.state is PENDING]
@@ -164,7 +186,7 @@ class ReadyQueue:
                 del self._buckets[priority]
         self._priorities = [-p for p in self._buckets]
         heapify(self._priorities)
-        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
+        self._count = live
 
     def clear(self) -> None:
         """Drop every entry."""
@@ -189,8 +211,10 @@ class Scheduler:
         self._timers: list[Task] = []  # heap by (start, seq); see Task.__lt__
         self._deadlines: list[tuple[float, int, TaskContext]] = []
         self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
-        self._ready_dead = 0
+        self._ready_dead = 0  # dead entries in _ready (live ones: ``queued``)
         self._timer_dead = 0
+        #: Workers stuck in a cancelled attempt, for the caller to replace.
+        self.abandoned: list[object] = []
         self._seq = itertools.count(1).__next__
         self._ids = itertools.count(1).__next__
         self.rng = rng if rng is not None else random.Random()
@@ -418,6 +442,8 @@ class Scheduler:
                 continue  # the attempt ended before its deadline
             task.ctx = None
             ctx.signal("timeout")
+            if ctx._worker is not None:
+                self.abandoned.append(ctx._worker)
             expired.append(ctx)
         return expired
 
@@ -434,11 +460,14 @@ class Scheduler:
 
     # -- cancellation ---------------------------------------------------------
 
-    def cancel(self, task: Task, reason: str, now: float) -> tuple[bool, object]:
-        """Cancel ``task``: (True, worker-abandoned-or-None), or (False, None) if terminal."""
+    def cancel(self, task: Task, reason: str, now: float) -> bool:
+        """Cancel ``task``; False if it was already terminal.
+
+        The worker of a cancelled running attempt is stuck in user code: it is
+        appended to ``abandoned`` for the caller to replace.
+        """
         state = task.state
-        worker = None
-        if state is PENDING:
+        if state is PENDING:  # (a queued task has no ctx)
             self.queued -= 1
             self._ready_dead += 1
         elif state is DELAYED or state is RETRYING:
@@ -447,49 +476,38 @@ class Scheduler:
                 self._timer_dead += 1
             else:  # an IMMEDIATE retry: wake the worker sleeping on it
                 task.ctx.signal(reason)
+                task.ctx = None
         elif state is RUNNING:
             self.running -= 1
             ctx = task.ctx
             if ctx is not None:  # None: a timed-out attempt being settled
-                worker = ctx._worker
+                if ctx._worker is not None:
+                    self.abandoned.append(ctx._worker)
                 ctx._task = None
                 ctx._worker = None
                 ctx.signal(reason)
+                task.ctx = None
         else:
-            return False, None
-        task.ctx = None
+            return False
         # The reason stands for the TaskCancelledError, created when first read.
-        self._finalize(task, CANCELLED, None, reason, now)  # before compacting: now dead
+        self._finalize(task, CANCELLED, None, reason, now)  # first: the entry is now dead
         if state is PENDING:
-            self._compact_ready()
+            if self._ready_dead > self.queued:  # dead entries are the majority
+                self._ready.compact(self.queued)  # O(live): amortised O(1) per cancel
+                self._ready_dead = 0
         elif self._timer_dead:
             self._compact_timers()
-        return True, worker
+        return True
 
-    def cancel_all(self, reason: str, now: float, running: bool) -> tuple[list[Task], list[object]]:
+    def cancel_all(self, reason: str, now: float, running: bool) -> list[Task]:
         """Cancel every task not yet terminal (``running``: running ones too)."""
         done: list[Task] = []
-        workers: list[object] = []
         for task in [t for t in self.tasks.values() if t.state not in TERMINAL]:
             if task.state is RUNNING and not running:
                 continue
-            _, worker = self.cancel(task, reason, now)
+            self.cancel(task, reason, now)
             done.append(task)
-            if worker is not None:
-                workers.append(worker)
-        return done, workers
-
-    def _compact_ready(self) -> None:
-        """After a queued task died: rebuild the ready queue once dead entries are the
-        majority (O(live), so amortised O(1) per cancel); just clear it if all are."""
-        ready = self._ready
-        dead = self._ready_dead
-        if dead == ready._count:
-            ready.clear()
-            self._ready_dead = 0
-        elif dead > _COMPACT_MIN and 2 * dead > ready._count:
-            ready.compact()
-            self._ready_dead = 0
+        return done
 
     def _compact_timers(self) -> None:
         """The same for the timer heap, after a waiting task died."""
@@ -534,8 +552,9 @@ class Scheduler:
             self.timed_out += 1
         ttl = task.opts.ttl
         if ttl is None:
-            if self.tasks.get(task.id) is task:  # type: ignore[arg-type]
-                del self.tasks[task.id]  # type: ignore[arg-type]
+            # Registered by submit; only this transition, or the purge of a task
+            # that went through it, removes it: it is still there, and it is this task.
+            del self.tasks[task.id]  # type: ignore[arg-type]
         else:
             heappush(self._expiry, (now + ttl, task.seq, task))
         if not self.running and self._deadlines:

@@ -34,7 +34,7 @@ from cluster import (
     TaskState,
     TaskTimeoutError,
 )
-from cluster._core import DONE, REQUEUED, SLEEP, STALE, Scheduler, retry_delay
+from cluster._core import DONE, REQUEUED, SLEEP, STALE, ReadyQueue, Scheduler, retry_delay
 from cluster._task import Task
 
 IMMEDIATE = RetryMode.IMMEDIATE
@@ -630,7 +630,7 @@ def test_cancel_during_immediate_sleep_wakes_it_and_resume_returns_false() -> No
     pop_one(s, 0.0)
     fail(s, t, Boom(), 1.0)
     sleeping = ctx_of(t)
-    assert s.cancel(t, "cancelled", 2.0) == (True, None)
+    assert s.cancel(t, "cancelled", 2.0) is True
     assert sleeping.cancelled.is_set()
     assert sleeping.reason == "cancelled"
     assert t.state is TaskState.CANCELLED
@@ -669,7 +669,7 @@ def test_cancel_pending_task() -> None:
     s = Scheduler()
     t = make_task("p")
     s.submit(t, 0.0)
-    assert s.cancel(t, "cancelled", 1.0) == (True, None)
+    assert s.cancel(t, "cancelled", 1.0) is True
     _assert_cancelled(s, t, 1.0)
     assert s.pop(1.0) is None
 
@@ -678,7 +678,7 @@ def test_cancel_delayed_task() -> None:
     s = Scheduler()
     t = make_task("d", start=5.0)
     s.submit(t, 0.0)
-    assert s.cancel(t, "cancelled", 1.0) == (True, None)
+    assert s.cancel(t, "cancelled", 1.0) is True
     _assert_cancelled(s, t, 1.0)
     assert s.pop(10.0) is None
     assert s.next_due() is None
@@ -691,7 +691,7 @@ def test_cancel_requeued_retrying_task() -> None:
     pop_one(s, 0.0)
     fail(s, t, Boom(), 1.0)
     assert t.state is TaskState.RETRYING
-    assert s.cancel(t, "cancelled", 2.0) == (True, None)
+    assert s.cancel(t, "cancelled", 2.0) is True
     _assert_cancelled(s, t, 2.0)
     assert s.pop(10.0) is None
     assert s.next_due() is None
@@ -702,7 +702,7 @@ def test_cancel_running_task_signals_its_context() -> None:
     t = make_task("run", timeout=10.0)
     s.submit(t, 0.0)
     ctx = ctx_of(pop_one(s, 0.0))
-    assert s.cancel(t, "cancelled", 1.0) == (True, None)
+    assert s.cancel(t, "cancelled", 1.0) is True
     _assert_cancelled(s, t, 1.0)
     assert ctx.cancelled.is_set()
     assert ctx.reason == "cancelled"
@@ -712,13 +712,14 @@ def test_cancel_running_task_signals_its_context() -> None:
     assert s.expire(100.0) == []
 
 
-def test_cancel_running_task_returns_the_worker_inside_it() -> None:
+def test_cancel_running_task_reports_the_worker_inside_it() -> None:
     s = Scheduler()
     t = make_task("run")
     s.submit(t, 0.0)
     worker = object()
     ctx_of(pop_one(s, 0.0))._worker = worker  # what the cluster records for its worker
-    assert s.cancel(t, "cancelled", 1.0) == (True, worker)
+    assert s.cancel(t, "cancelled", 1.0) is True
+    assert s.abandoned == [worker]
 
 
 def test_cancel_with_shutdown_reason() -> None:
@@ -726,13 +727,13 @@ def test_cancel_with_shutdown_reason() -> None:
     t = make_task("run")
     s.submit(t, 0.0)
     ctx = ctx_of(pop_one(s, 0.0))
-    assert s.cancel(t, "shutdown", 1.0)[0] is True
+    assert s.cancel(t, "shutdown", 1.0) is True
     assert ctx.reason == "shutdown"
     assert isinstance(t.error, TaskCancelledError)
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancelled"])
-def test_cancel_of_terminal_task_returns_false_none(outcome: str) -> None:
+def test_cancel_of_terminal_task_returns_false(outcome: str) -> None:
     s = Scheduler()
     t = make_task("t", ttl=100.0)
     s.submit(t, 0.0)
@@ -745,7 +746,7 @@ def test_cancel_of_terminal_task_returns_false_none(outcome: str) -> None:
         else:
             fail(s, t, Boom(), 0.0)
     before = (t.state, t.error, t.value, counters(s))
-    assert s.cancel(t, "cancelled", 1.0) == (False, None)
+    assert s.cancel(t, "cancelled", 1.0) is False
     assert (t.state, t.error, t.value, counters(s)) == before
 
 
@@ -788,9 +789,9 @@ def test_cancel_all_without_running_leaves_running_tasks() -> None:
     fail(s, retrying, Boom(), 0.0)
     s.submit(make_task("pending"), 0.0)
     s.submit(make_task("delayed", start=9.0), 0.0)
-    done, workers = s.cancel_all("shutdown", 1.0, False)
+    done = s.cancel_all("shutdown", 1.0, False)
     assert sorted(t.id or "" for t in done) == ["delayed", "pending", "retry"]
-    assert workers == []
+    assert s.abandoned == []
     assert all(t.state is TaskState.CANCELLED for t in done)
     assert run.state is TaskState.RUNNING
     assert gauges(s) == (0, 0, 1)
@@ -800,7 +801,7 @@ def test_cancel_all_without_running_leaves_running_tasks() -> None:
     assert_balanced(s)
 
 
-def test_cancel_all_with_running_cancels_everything_and_returns_workers() -> None:
+def test_cancel_all_with_running_cancels_everything_and_reports_workers() -> None:
     s = Scheduler()
     worker = object()
     for i in range(2):
@@ -808,9 +809,9 @@ def test_cancel_all_with_running_cancels_everything_and_returns_workers() -> Non
     ctx_of(pop_one(s, 0.0))._worker = worker
     ctx2 = ctx_of(pop_one(s, 0.0))
     s.submit(make_task("pending"), 0.0)
-    done, workers = s.cancel_all("shutdown", 1.0, True)
+    done = s.cancel_all("shutdown", 1.0, True)
     assert sorted(t.id or "" for t in done) == ["pending", "run0", "run1"]
-    assert workers == [worker]
+    assert s.abandoned == [worker]
     assert ctx2.reason == "shutdown"
     assert gauges(s) == (0, 0, 0)
     assert s.live == 0
@@ -884,7 +885,7 @@ def test_fail_detached_after_cancel_is_stale() -> None:
     s.submit(t, 0.0)
     pop_one(s, 0.0)
     [ctx] = s.expire(5.0)
-    assert s.cancel(t, "cancelled", 5.1) == (True, None)
+    assert s.cancel(t, "cancelled", 5.1) is True
     err = TaskTimeoutError("late")
     assert s.fail_detached(ctx, err, 0.0, 5.2) == STALE
     assert t.state is TaskState.CANCELLED
@@ -1168,7 +1169,7 @@ def test_ready_heap_compacts_after_mass_cancel_and_survivors_pop_in_order() -> N
             doomed.append(t)
     assert len(survivors) == 10
     for t in doomed:
-        assert s.cancel(t, "cancelled", 1.0) == (True, None)
+        assert s.cancel(t, "cancelled", 1.0) is True
     assert s.sizes()["ready"] < 500
     assert s.sizes()["tasks"] == 10
     assert gauges(s) == (10, 0, 0)
@@ -1204,6 +1205,67 @@ def test_cancelling_every_pending_task_empties_the_heap() -> None:
     assert s.sizes()["ready"] < 100
     assert s.pop(0.0) is None
     assert s.sizes() == {"tasks": 0, "ready": 0, "timers": 0, "deadlines": 0, "expiry": 0}
+
+
+def _queue_of(tasks: list[Task]) -> ReadyQueue:
+    ready = ReadyQueue()
+    for seq, t in enumerate(tasks):
+        t.seq, t.start = seq, 0.0
+        ready.push(t)
+    return ready
+
+
+def _pop_all(ready: ReadyQueue) -> list[str]:
+    order = []
+    while (t := ready.pop()) is not None:
+        order.append(t.id or "")
+    return order
+
+
+def test_compact_trims_dead_entries_at_the_ends_without_a_rebuild() -> None:
+    # Cancelling in submission order (or the latest submissions) leaves the dead
+    # entries at the ends of a FIFO: they go one by one and the live ones stay put.
+    tasks = [make_task(f"t{i}") for i in range(10)]
+    ready = _queue_of(tasks)
+    fifo = ready._buckets[0].fifo
+    for t in tasks[:4] + tasks[8:]:
+        t.state = TaskState.CANCELLED
+    ready.compact(4)
+    assert ready._buckets[0].fifo is fifo  # not rebuilt
+    assert len(ready) == 4
+    assert _pop_all(ready) == ["t4", "t5", "t6", "t7"]
+
+
+def test_compact_rebuilds_when_dead_entries_remain_inside() -> None:
+    tasks = [make_task(f"t{i}", priority=i % 3) for i in range(12)]
+    ready = _queue_of(tasks)
+    fifo = ready._buckets[1].fifo  # t1 t4 t7 t10
+    for i in (0, 2, 4, 9, 10, 11):  # t4 is inside its FIFO, the others at an end
+        tasks[i].state = TaskState.CANCELLED
+    ready.compact(6)
+    assert ready._buckets[1].fifo is not fifo
+    assert len(ready) == 6
+    assert _pop_all(ready) == ["t5", "t8", "t1", "t7", "t3", "t6"]
+
+
+def test_compact_with_no_live_entries_empties_the_queue() -> None:
+    tasks = [make_task(f"t{i}", priority=i % 2) for i in range(6)]
+    ready = _queue_of(tasks)
+    for t in tasks:
+        t.state = TaskState.CANCELLED
+    ready.compact(0)
+    assert len(ready) == 0
+    assert ready.pop() is None
+
+
+def test_cancelling_in_submission_order_keeps_the_queue_small() -> None:
+    s = Scheduler()
+    tasks = [make_task(f"t{i}") for i in range(1000)]
+    submit_all(s, tasks, 0.0)
+    for t in tasks[:900]:
+        s.cancel(t, "cancelled", 0.0)
+        assert s.sizes()["ready"] <= 2 * s.queued + 1
+    assert drain(s, 1.0) == [f"t{i}" for i in range(900, 1000)]
 
 
 def test_cancelled_entries_never_outnumber_live_ones_by_much() -> None:

@@ -437,10 +437,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         ctx = r.ctx
         result = self.s.cancel(r.task, "cancelled", self.now)
         if not r.live:
-            assert result == (False, None)
+            assert result is False
             assert r.task.state is TERMINAL[was]
             return
-        assert result == (True, None)
+        assert result is True
         if was in ("running", "sleeping"):
             assert ctx is not None
             assert ctx.reason == "cancelled"
@@ -463,8 +463,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.retries_allowed = False
         targets = [r for r in self.recs if r.live and (running or r.state != "running")]
         targets = [r for r in targets if running or r.state != "detached"]
-        done, workers = self.s.cancel_all("shutdown", self.now, running)
-        assert workers == []
+        done = self.s.cancel_all("shutdown", self.now, running)
+        assert self.s.abandoned == []
         assert sorted(id(t) for t in done) == sorted(id(r.task) for r in targets)
         for r in targets:
             if r.state == "running":
@@ -544,7 +544,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s.retries_allowed = False
         self.retries_allowed = False
         live = [r for r in self.recs if r.live]
-        done, _ = self.s.cancel_all("shutdown", self.now, True)
+        done = self.s.cancel_all("shutdown", self.now, True)
         assert sorted(id(t) for t in done) == sorted(id(r.task) for r in live)
         for r in live:
             self.terminate(r, "cancelled")
