@@ -7,17 +7,21 @@ names the argument, so that nothing invalid ever reaches a worker.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 Duration = float | int | timedelta
 
+_MAX = sys.float_info.max  # also the largest int that converts to a finite float
+
 
 def seconds(value: object, name: str, *, positive: bool = False) -> float:
     """Return ``value`` as finite seconds >= 0 (> 0 if ``positive``)."""
-    if type(value) is float and 0 <= value < math.inf and (value or not positive):
-        return value  # the common case, checked at once
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value <= _MAX and (value or not positive):  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]  # the common cases, checked at once
     if isinstance(value, timedelta):
         result = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
