@@ -50,7 +50,7 @@ DASH = "\u2013"  # en dash, for "min-max" ranges in the table
 STOP_TIMEOUT = 600.0  # generous bound on a graceful stop, so a bug cannot hang the run
 HOUR = 3600.0
 SMALL_BATCH = 1000  # submits timed into an empty queue and on top of the backlog
-BATCHES = 3  # SMALL_BATCH timings per memory run (that scenario runs once: 1M is slow)
+BATCHES = 9  # SMALL_BATCH timings per memory run (that scenario runs once: 1M is slow)
 TPE_MEMORY_DIVISOR = 10  # tpe's memory reference queues n / 10 items (~1.8 kB each)
 TIMEOUT = 0.05  # scenario "timeout": per-attempt timeout
 BLOCK_CAP = 120.0  # a blocked task gives up after this long even if never released
@@ -290,17 +290,19 @@ def _memory_metrics(make: Callable[[], Callable[[], object]], n: int) -> Metrics
     """``make()`` returns a fresh, idle queue's submit function; measure it.
 
     The submit timings are ``BATCHES`` samples each: batches into fresh empty queues,
-    and consecutive batches on top of the n-task backlog.
+    and consecutive batches on top of the n-task backlog. The two alternate, after
+    the backlog is built, so that both see the same process (heap size, machine
+    load) and only the queue they go into differs.
     """
     _time_submits(make(), SMALL_BATCH)  # warm-up: first-use costs are not measured
-    empty: list[float] = []
-    for _ in range(BATCHES):
-        gc.collect()
-        empty.append(_time_submits(make(), SMALL_BATCH))
     submit_one = make()
     kept, dropped = _traced_bytes_per_item(submit_one, n)
     gc.collect()
-    backlog = [_time_submits(submit_one, SMALL_BATCH) for _ in range(BATCHES)]
+    empty: list[float] = []
+    backlog: list[float] = []
+    for _ in range(BATCHES):
+        empty.append(_time_submits(make(), SMALL_BATCH))
+        backlog.append(_time_submits(submit_one, SMALL_BATCH))
     return {
         "bytes_per_task_handles_kept": kept,
         "bytes_per_task_handles_dropped": dropped,
@@ -322,7 +324,7 @@ def memory_cluster(n: int) -> Metrics:
         return lambda: c.add_task(noop).with_delay(HOUR).submit()
 
     out = _memory_metrics(make, n)
-    stats = clusters[-1].stats()
+    stats = max((c.stats() for c in clusters), key=lambda s: s.delayed)  # the backlog's
     expected = n + BATCHES * SMALL_BATCH
     _check(stats.delayed == expected, f"{stats.delayed} tasks delayed of {expected}")
     _check(stats.running == 0 and stats.succeeded == 0, "a delayed task ran")

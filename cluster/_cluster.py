@@ -68,6 +68,9 @@ T = TypeVar("T")
 #: ``with_delay(1e9)`` or ``stop(timeout=1e12)`` never overflows a lock timeout.
 MAX_WAIT = 3600.0
 
+#: Seconds an idle callback thread waits for more work before it exits (while running).
+CALLBACK_LINGER = 1.0
+
 # Cluster life cycle (ordered: a state only ever moves forward).
 _NEW, _RUNNING, _STOPPING, _TERMINATED = range(4)
 
@@ -175,10 +178,13 @@ class Cluster:
         self._callbacks: deque[Task] = deque()  # tasks whose callbacks the callback thread runs
         self._callback_thread: threading.Thread | None = None  # the latest callback thread
         self._callbacks_running = False  # the callback thread is draining _callbacks
+        self._callbacks_idle = False  # ... or lingers on _callbacks_wake for more
         self._threads = 0  # serial number for thread names
-        # Conditions on _lock: stop() waits for _unsettled == 0; the watchdog sleeps.
+        # Conditions on _lock: stop() waits for _unsettled == 0; the watchdog sleeps;
+        # an idle callback thread lingers.
         self._settled = threading.Condition(self._lock)
         self._watchdog_wake = threading.Condition(self._lock)
+        self._callbacks_wake = threading.Condition(self._lock)
         # ---- immutable ----
         self._anchor = (time.time(), time.monotonic())  # to show monotonic times as dates
         _LIVE.add(self)
@@ -281,10 +287,14 @@ class Cluster:
 
     def _join(self) -> None:
         """Wait for the pool, watchdog and callback threads (not abandoned ones) to exit."""
+        me = threading.current_thread()
+        with self._lock:
+            watchdog = self._watchdog
+        if watchdog is not None and watchdog is not me:
+            watchdog.join()  # first: it may be about to start replacement workers
         with self._lock:
             threads = [w.thread for w in self._pool]
-            threads += [self._watchdog, self._callback_thread]
-        me = threading.current_thread()
+            threads.append(self._callback_thread)
         for thread in threads:
             if thread is not None and thread is not me:
                 thread.join()
@@ -478,34 +488,46 @@ class Cluster:
 
     # ------------------------------------------------------------------ workers
 
-    def _spawn_locked(self) -> None:
-        """Start a pool worker. Started under the lock, so that no thread ever sees an
-        unstarted worker in the pool (a new thread signals "started" before it
-        first takes the lock, so this cannot deadlock)."""
+    def _spawn_locked(self, start: bool = True) -> threading.Thread:
+        """Add a pool worker and return its thread.
+
+        Started here, under the lock, so that no other thread sees an unstarted
+        worker in the pool (a new thread signals "started" before it first takes
+        the lock, so this cannot deadlock). Only the watchdog passes
+        ``start=False`` and starts the thread just after: ``_join`` joins the
+        watchdog before it looks at the pool.
+        """
         worker = _Worker()
         self._threads += 1
-        worker.thread = threading.Thread(
+        thread = worker.thread = threading.Thread(
             target=self._work, args=(worker,), name=f"cluster-worker-{self._threads}", daemon=True
         )
         self._pool.add(worker)
-        worker.thread.start()
+        if start:
+            thread.start()
+        return thread
 
-    def _replace_abandoned_locked(self) -> None:
-        """Workers stuck in an abandoned attempt (``Scheduler.abandoned``): replace each
-        one (unless shutting down)."""
+    def _replace_abandoned_locked(self, start: bool = True) -> list[threading.Thread]:
+        """Replace each worker stuck in an abandoned attempt (``Scheduler.abandoned``),
+        unless shutting down; return the replacements' threads (see ``_spawn_locked``)."""
         abandoned = self._sched.abandoned
+        fresh = []
         for worker in abandoned:
             self._pool.discard(worker)
             self._abandoned += 1
             if self._state != _TERMINATED:
-                self._spawn_locked()
+                fresh.append(self._spawn_locked(start))
         abandoned.clear()
+        return fresh
 
     def _wake_all_locked(self) -> None:
         for worker in self._idle:
             worker.idle = False
             worker.wake.put(None)
         self._idle.clear()
+        if self._callbacks_idle:  # stopping: a lingering callback thread exits now
+            self._callbacks_idle = False
+            self._callbacks_wake.notify()
 
     def _wake_timekeeper_locked(self) -> None:
         """An earlier start time was added: the timekeeper (or any idle worker) re-plans."""
@@ -692,7 +714,6 @@ class Cluster:
                 done: list[Task] = []
                 retryable: list[tuple[TaskContext, TaskTimeoutError]] = []
                 now = time.monotonic()
-                self._replace_abandoned_locked()
                 for ctx in expired:
                     task: Task = ctx._task  # type: ignore[assignment]
                     error = TaskTimeoutError(
@@ -715,6 +736,12 @@ class Cluster:
                     elif code == REQUEUED and task.start < self._timer_target:  # type: ignore[operator]
                         self._wake_timekeeper_locked()
             self._deliver_all(done)
+            # Only now, and outside the lock: starting a thread takes a while (about
+            # 0.3 ms here), and the callback thread must not wait for that.
+            with self._lock:
+                fresh = self._replace_abandoned_locked(start=False)
+            for thread in fresh:
+                thread.start()
 
     # ------------------------------------------------------------------ delivery
 
@@ -756,7 +783,10 @@ class Cluster:
     def _queue_callbacks(self, task: Task) -> None:
         with self._lock:
             self._callbacks.append(task)
-            if not self._callbacks_running:  # started on demand, exits when drained
+            if self._callbacks_idle:
+                self._callbacks_idle = False
+                self._callbacks_wake.notify()
+            elif not self._callbacks_running:  # started on demand, exits when drained
                 self._callbacks_running = True
                 self._threads += 1
                 previous = self._callback_thread
@@ -774,6 +804,12 @@ class Cluster:
             previous.join()  # so that joining the latest callback thread joins them all
         while True:
             with self._lock:
+                if not self._callbacks and self._state == _RUNNING:
+                    # Linger: timeouts and cancels come in bursts, and starting a
+                    # thread costs about a millisecond (most of a timeout's latency).
+                    self._callbacks_idle = True
+                    self._callbacks_wake.wait(CALLBACK_LINGER)
+                    self._callbacks_idle = False
                 if not self._callbacks:
                     self._callbacks_running = False
                     return
@@ -798,6 +834,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._watchdog_wake = threading.Condition(self._lock)
+        self._callbacks_wake = threading.Condition(self._lock)
         self._state = _TERMINATED
         self._unsettled = 0  # the parent delivers these; the child never will
         self._pool.clear()
@@ -807,6 +844,7 @@ class Cluster:
         self._callbacks.clear()
         self._callback_thread = None
         self._callbacks_running = False
+        self._callbacks_idle = False
 
 
 def _run_callbacks(task: Task) -> None:

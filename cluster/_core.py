@@ -186,7 +186,7 @@ class ReadyQueue:
                 del self._buckets[priority]
         self._priorities = [-p for p in self._buckets]
         heapify(self._priorities)
-        self._count = live
+        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
 
     def clear(self) -> None:
         """Drop every entry."""

@@ -808,6 +808,33 @@ def test_callbacks_called_for_tasks_cancelled_by_cluster_cancel(
     assert isinstance(got["complete"][1][2], TaskCancelledError)
 
 
+def test_idle_callback_thread_serves_the_next_burst_and_stop_ends_it(
+    make_cluster: MakeCluster, new_event: NewEvent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The callback thread lingers between bursts (so a timeout's callback does not
+    # wait for a thread to start); stop() must wake it rather than wait it out.
+    monkeypatch.setattr("cluster._cluster.CALLBACK_LINGER", 600.0)
+    c = make_cluster(1)
+    hold_worker(c, new_event())
+    threads: queue.SimpleQueue[threading.Thread] = queue.SimpleQueue()
+
+    def on_complete(task_id: str, value: Any, error: BaseException | None) -> None:
+        threads.put(threading.current_thread())
+
+    for _ in range(2):
+        h = c.add_task(lambda: 1).on_complete(on_complete).submit()
+        assert c.cancel_task(h.id) is True
+    first = threads.get(timeout=WAIT)
+    assert threads.get(timeout=WAIT) is first
+    h = c.add_task(lambda: 1).on_complete(on_complete).submit()
+    assert c.cancel_task(h.id) is True
+    assert threads.get(timeout=WAIT) is first  # the same thread, idle in between
+    assert first.is_alive()
+    c.cancel()
+    c.stop()
+    assert not first.is_alive()
+
+
 def test_callbacks_run_on_a_cluster_thread(cluster: Cluster) -> None:
     events, on_complete, _ = recorder()
     cluster.add_task(lambda: 1).on_complete(on_complete).submit()
