@@ -21,7 +21,8 @@ All scheduling decisions are made by the thread-free ``Scheduler`` while
   sink (subscriber queue, handle waiter, future) outside the lock, then runs the
   callbacks: inline on a worker, or on the callback thread when the task ended by
   cancel, timeout or shutdown (the caller of ``cancel_task`` is not a cluster
-  thread).
+  thread). The callback thread starts on demand and, once drained, lingers
+  ``CALLBACK_LINGER`` seconds for more before it exits (at once when stopping).
 """
 
 from __future__ import annotations
@@ -778,7 +779,7 @@ class Cluster:
             if self._callbacks_idle:
                 self._callbacks_idle = False
                 self._callbacks_wake.notify()
-            elif not self._callbacks_running:  # started on demand, exits when drained
+            elif not self._callbacks_running:  # started on demand
                 self._callbacks_running = True
                 self._threads += 1
                 previous = self._callback_thread
