@@ -213,7 +213,7 @@ class Scheduler:
         self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
         self._ready_dead = 0  # dead entries in _ready (live ones: ``queued``)
         self._timer_dead = 0
-        #: Workers stuck in a cancelled attempt, for the caller to replace.
+        #: Workers stuck in a cancelled or timed-out attempt, for the caller to replace.
         self.abandoned: list[object] = []
         self._seq = itertools.count(1).__next__
         self._ids = itertools.count(1).__next__
