@@ -18,14 +18,21 @@ from ._errors import (
     ClusterError,
     ClusterStoppedError,
     DuplicateTaskError,
+    QueueFullError,
+    RetryAfter,
+    StopRetrying,
     StopTimeoutError,
     TaskCancelledError,
+    TaskInterruptedError,
     TaskNotFoundError,
     TaskTimeoutError,
+    WorkerCrashedError,
 )
 from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
+from ._validate import UNLIMITED
 
 __all__ = [
+    "UNLIMITED",
     "Cluster",
     "ClusterError",
     "ClusterStats",
@@ -34,16 +41,21 @@ __all__ = [
     "ExponentialBackoff",
     "FixedBackoff",
     "LinearBackoff",
+    "QueueFullError",
     "Result",
+    "RetryAfter",
     "RetryMode",
+    "StopRetrying",
     "StopTimeoutError",
     "TaskBuilder",
     "TaskCancelledError",
     "TaskContext",
     "TaskHandle",
     "TaskInfo",
+    "TaskInterruptedError",
     "TaskNotFoundError",
     "TaskState",
     "TaskTimeoutError",
+    "WorkerCrashedError",
     "current",
 ]

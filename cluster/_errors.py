@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import signal as _signal
+from datetime import timedelta
 
 __all__ = [
     "ClusterError",
     "ClusterStoppedError",
     "DuplicateTaskError",
+    "QueueFullError",
+    "RetryAfter",
+    "StopRetrying",
     "StopTimeoutError",
     "TaskCancelledError",
+    "TaskInterruptedError",
     "TaskNotFoundError",
     "TaskTimeoutError",
+    "WorkerCrashedError",
 ]
 
 
@@ -45,3 +52,69 @@ class ClusterStoppedError(ClusterError):
 
 class StopTimeoutError(ClusterError, TimeoutError):
     """``stop(timeout)`` ran out of time; the remaining tasks were cancelled."""
+
+
+class WorkerCrashedError(ClusterError):
+    """The process running an attempt died by itself (a crash, ``os._exit``, the OOM killer).
+
+    ``exitcode`` is the child's exit status, or ``None`` if a signal ended it;
+    ``signal`` is that signal's number, or ``None``. Retried like any ``Exception``.
+    """
+
+    def __init__(
+        self, message: str, *, exitcode: int | None = None, signal: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+
+    @property
+    def signal_name(self) -> str | None:
+        """``"SIGSEGV"``, ``"SIGKILL"``, ... or ``None``."""
+        if self.signal is None:
+            return None
+        try:
+            return _signal.Signals(self.signal).name
+        except ValueError:
+            return f"signal {self.signal}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields survive pickling (Exception pickles ``args`` only).
+        return (_crashed, (str(self), self.exitcode, self.signal))
+
+
+def _crashed(message: str, exitcode: int | None, signal: int | None) -> WorkerCrashedError:
+    return WorkerCrashedError(message, exitcode=exitcode, signal=signal)
+
+
+class QueueFullError(ClusterError):
+    """``submit()`` found ``max_pending`` tasks waiting and the cluster rejects, not blocks."""
+
+
+class TaskInterruptedError(ClusterError):
+    """A durable task was running when its process ended, and has no retry left."""
+
+
+class RetryAfter(ClusterError):
+    """Raised by a task: retry after exactly ``delay`` seconds (no backoff, no jitter).
+
+    ``raise RetryAfter(30) from err`` uses the budget of the rule that matches ``err``;
+    when no retry happens the task fails with ``err`` (or with this error if it has no
+    cause). Outside a task it is an ordinary exception.
+    """
+
+    def __init__(self, delay: float | timedelta) -> None:
+        from ._validate import seconds  # _validate imports nothing of ours; no cycle
+
+        self.delay: float = seconds(delay, "delay")
+        super().__init__(self.delay)
+
+    def __str__(self) -> str:
+        return f"retry after {self.delay:g} s"
+
+
+class StopRetrying(ClusterError):
+    """Raised by a task (``raise StopRetrying() from err``): fail now, whatever the budget.
+
+    The task fails with the cause (or with this error if it has none).
+    """

@@ -41,6 +41,34 @@ def seconds(value: object, name: str, *, positive: bool = False) -> float:
     return result
 
 
+class _Unlimited(int):
+    """The type of ``UNLIMITED``: an int (so it passes as a retry count) that reads well."""
+
+    def __repr__(self) -> str:
+        return "UNLIMITED"
+
+    __str__ = __repr__
+
+
+#: A retry count meaning "retry until the task succeeds, is cancelled, the cluster
+#: stops, or an error is final" (``with_retry(UNLIMITED)``). It is ``-1``.
+UNLIMITED: int = _Unlimited(-1)
+
+
+def retries(value: object, name: str) -> int:
+    """Return ``value`` as a retry count: an int >= 0, or ``UNLIMITED``."""
+    if type(value) is int and value >= 0:
+        return value  # type: ignore[return-value]
+    if isinstance(value, _Unlimited):
+        return UNLIMITED
+    count = integer(value, name)
+    if count == -1:
+        return UNLIMITED
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0 or UNLIMITED, got {count}")
+    return count
+
+
 def integer(value: object, name: str, *, minimum: int | None = None) -> int:
     """Return ``value`` if it is an ``int`` (not ``bool``) >= ``minimum``."""
     if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
