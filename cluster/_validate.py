@@ -58,7 +58,7 @@ UNLIMITED: int = _Unlimited(-1)
 def retries(value: object, name: str) -> int:
     """Return ``value`` as a retry count: an int >= 0, or ``UNLIMITED``."""
     if type(value) is int and value >= 0:
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, _Unlimited):
         return UNLIMITED
     count = integer(value, name)
