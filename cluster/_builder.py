@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime
@@ -23,7 +21,7 @@ from ._task import (
 from ._validate import Duration, function, integer, seconds
 
 if TYPE_CHECKING:
-    from ._cluster import Cluster
+    from ._host import TaskHost
 
 __all__ = ["TaskBuilder", "TaskHandle"]
 
@@ -36,10 +34,10 @@ class TaskBuilder(Generic[T]):
     Obtained from ``Cluster.add_task(fn, *args, **kwargs)``; ``submit()`` queues it.
     """
 
-    __slots__ = ("_cluster", "_task")
+    __slots__ = ("_host", "_task")
 
-    def __init__(self, cluster: Cluster, task: Task) -> None:
-        self._cluster = cluster
+    def __init__(self, host: TaskHost, task: Task) -> None:
+        self._host = host
         self._task: Task | None = task  # None once submitted
 
     def _live(self) -> Task:
@@ -71,19 +69,15 @@ class TaskBuilder(Generic[T]):
         if not isinstance(when, datetime):
             raise TypeError(f"when must be a datetime, got {type(when).__name__}")
         task = self._live()
-        # Through the cluster's one wall/monotonic anchor, so that equal datetimes
+        # Through the cluster clock's one wall/monotonic anchor, so that equal datetimes
         # give equal start times (and FIFO among them), as info() shows them.
-        wall, mono = self._cluster._anchor
-        try:
-            task.start = mono + (when.timestamp() - wall)
-        except (OverflowError, OSError, ValueError):  # beyond what the platform converts
-            task.start = math.inf if when.year >= 1970 else -math.inf
+        task.start = self._host.clock.from_date(when)
         return self
 
     def with_delay(self, delay: Duration) -> TaskBuilder[T]:
         """Do not start before ``delay`` seconds from now."""
         task = self._live()
-        task.start = time.monotonic() + seconds(delay, "delay")
+        task.start = self._host.clock.monotonic() + seconds(delay, "delay")
         return self
 
     def with_timeout(self, timeout: Duration) -> TaskBuilder[T]:
@@ -120,6 +114,14 @@ class TaskBuilder(Generic[T]):
         self._options().retry_if = function(predicate, "predicate")
         return self
 
+    def with_executor(self, name: str) -> TaskBuilder[T]:
+        """Run this task on executor ``name`` (``"threads"``, ``"async"``, or one given as
+        ``Cluster(executors=...)``); an unknown name raises ValueError."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        self._live().lane = self._host._lane(name)
+        return self
+
     def with_retry_mode(self, mode: RetryMode) -> TaskBuilder[T]:
         """REQUEUE (default): back to the queue; IMMEDIATE: the same worker waits and retries."""
         if not isinstance(mode, RetryMode):
@@ -153,11 +155,11 @@ class TaskBuilder(Generic[T]):
             raise RuntimeError("this TaskBuilder was already submitted")
         self._task = None
         try:
-            self._cluster._submit(task)
+            self._host._submit(task)
         except BaseException:
             self._task = task
             raise
-        return TaskHandle(self._cluster, task)
+        return TaskHandle(self._host, task)
 
     def __repr__(self) -> str:
         task = self._task
@@ -167,10 +169,10 @@ class TaskBuilder(Generic[T]):
 class TaskHandle(Generic[T]):
     """A submitted task: its id, its result, and control over it."""
 
-    __slots__ = ("_cluster", "_task")
+    __slots__ = ("_host", "_task")
 
-    def __init__(self, cluster: Cluster, task: Task) -> None:
-        self._cluster = cluster
+    def __init__(self, host: TaskHost, task: Task) -> None:
+        self._host = host
         self._task = task
 
     @property
@@ -185,7 +187,7 @@ class TaskHandle(Generic[T]):
     def wait(self, timeout: Duration | None = None) -> Result[T] | None:
         """The Result once terminal, or None if ``timeout`` seconds pass first."""
         limit = None if timeout is None else seconds(timeout, "timeout")
-        return self._cluster._wait(self._task, limit)
+        return self._host._wait(self._task, limit)
 
     def result(self, timeout: Duration | None = None) -> T:
         """The task's value; raises its error, or TimeoutError if not done in time."""
@@ -196,15 +198,15 @@ class TaskHandle(Generic[T]):
 
     def cancel(self) -> bool:
         """Cancel the task; True if this call cancelled it, False if it had finished."""
-        return self._cluster._cancel(self._task)
+        return self._host._cancel(self._task)
 
     def subscribe(self) -> SimpleQueue[Result[Any]]:
         """A new queue that receives the Result (at once if already terminal)."""
-        return self._cluster._subscribe(self._task)
+        return self._host._subscribe(self._task)
 
     def future(self) -> Future[T]:
         """A concurrent.futures.Future of the value; cancelling it cancels the task."""
-        return self._cluster._future(self._task)
+        return self._host._future(self._task)
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id!r} {self._task.state.value}>"

@@ -1,15 +1,20 @@
-"""The scheduling core: queues, state transitions, retry decisions and TTL purge.
+"""The scheduling core: lanes, queues, state transitions, retry decisions and TTL purge.
 
-Plain Python with no threads, no locks and no clock of its own. The cluster holds
+Plain Python with no threads of its own and no clock of its own. The cluster holds
 its lock around every ``Scheduler`` method and passes ``now`` (monotonic seconds),
 so ordering, backoff, jitter and TTL can be driven deterministically in tests.
 
-Two-stage scheduling: tasks not yet due wait in ``_timers``, a heap of the tasks
-themselves ordered by (start, seq) (``Task.__lt__``: no tuple per entry, so a
-million delayed tasks cost little memory); due tasks wait in ``_ready``, a
-``ReadyQueue`` ordered by (-priority, start, seq), where seq is the submission
-order. Timers are promoted to ``_ready`` when a worker looks for work, so a due
-task always competes on priority.
+Lanes. Each executor of a cluster (the thread pool, a process pool, the event loop)
+owns one ``Lane``: its own due queue and timer heap, so that §4's order holds among
+the due tasks of one executor, and one executor's backlog never delays another's.
+Deadlines (timeouts) and cached results' expiry are kept once, for all lanes.
+
+Two-stage scheduling: tasks not yet due wait in their lane's ``timers``, a heap of
+the tasks themselves ordered by (start, seq) (``Task.__lt__``: no tuple per entry,
+so a million delayed tasks cost little memory); due tasks wait in the lane's
+``ready``, a ``ReadyQueue`` ordered by (-priority, start, seq), where seq is the
+submission order. Timers are promoted to ``ready`` when the lane's executor looks
+for work, so a due task always competes on priority.
 
 Cancel is O(1): the task's state becomes terminal and its queue entry is left
 behind as a dead entry, skipped when popped. When dead entries outnumber live
@@ -17,6 +22,12 @@ ones they are dropped (amortised O(1) per cancel), which keeps a structure at
 most about twice its live size: the ready queue trims them off the ends of its
 FIFOs, where cancelling in submission order leaves them, and rebuilds only if
 some remain inside.
+
+No user object is freed here. Whatever a method drops that may hold the last
+reference to user objects (a terminal task with its function, arguments and value;
+a dead queue entry; a purged cached result) goes to ``graveyard``, which the caller
+empties *after* releasing its lock: a ``__del__`` or ``weakref.finalize`` that calls
+the cluster then runs where it cannot deadlock it.
 """
 
 from __future__ import annotations
@@ -24,12 +35,23 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections import deque
 from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
 from ._errors import DuplicateTaskError, TaskCancelledError, TaskNotFoundError, TaskTimeoutError
-from ._task import _NO_KWARGS, TERMINAL, Task, TaskContext, TaskState
+from ._queues import ReadyQueue
+from ._task import TERMINAL, Task, TaskContext, TaskState
+
+__all__ = [
+    "DONE",
+    "REQUEUED",
+    "SLEEP",
+    "STALE",
+    "Lane",
+    "ReadyQueue",
+    "Scheduler",
+    "retry_delay",
+]
 
 log = logging.getLogger("cluster")
 
@@ -84,115 +106,39 @@ def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float |
     return delay
 
 
-class _Bucket:
-    """The due tasks of one priority, in (start, seq) order.
+class Lane:
+    """The tasks of one executor: its due queue, its timer heap and its gauges.
 
-    Tasks almost always arrive in order (a task due now has the latest start), so
-    they go to ``fifo`` in O(1); the rare out-of-order task (a past start time, a
-    promoted timer) goes to the small ``heap`` (ordered by ``Task.__lt__``). The
-    next task is the lesser of the two heads. Both hold the tasks themselves: no
-    tuple per queued task.
+    Every field is guarded by the cluster lock, like the Scheduler that owns it.
     """
 
-    __slots__ = ("fifo", "heap")
+    __slots__ = (
+        "backend",
+        "delayed",
+        "index",
+        "name",
+        "queued",
+        "ready",
+        "ready_dead",
+        "running",
+        "timer_dead",
+        "timers",
+    )
 
-    def __init__(self) -> None:
-        self.fifo: deque[Task] = deque()
-        self.heap: list[Task] = []
+    def __init__(self, index: int, name: str) -> None:
+        self.index = index
+        self.name = name
+        self.ready = ReadyQueue()
+        self.timers: list[Task] = []  # heap by (start, seq); see Task.__lt__
+        self.ready_dead = 0  # dead entries in ready (live ones: ``queued``)
+        self.timer_dead = 0
+        # Gauges: tasks PENDING, DELAYED or RETRYING, RUNNING on this lane.
+        self.queued = self.delayed = self.running = 0
+        #: The executor serving this lane (set by the cluster; the core never calls it).
+        self.backend: object = None
 
-
-class ReadyQueue:
-    """Due tasks by (-priority, start, seq): O(1) push and pop in the FIFO case.
-
-    Holds dead entries (tasks no longer PENDING) until they are popped or
-    ``compact`` drops them; ``len()`` counts entries, dead ones included.
-    """
-
-    __slots__ = ("_buckets", "_count", "_priorities")
-
-    def __init__(self) -> None:
-        self._buckets: dict[int, _Bucket] = {}
-        self._priorities: list[int] = []  # heap of -priority, one per bucket
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def push(self, task: Task) -> None:
-        """Add ``task`` (its priority, start and seq are set) to its priority's bucket."""
-        priority = task.priority
-        bucket = self._buckets.get(priority)
-        if bucket is None:
-            bucket = self._buckets[priority] = _Bucket()
-            heappush(self._priorities, -priority)
-        fifo = bucket.fifo
-        if fifo:
-            last = fifo[-1]
-            start = task.start
-            # Inlined ``last < task``: this runs once per submitted task.
-            if last.start < start or (last.start == start and last.seq < task.seq):  # type: ignore[operator]
-                fifo.append(task)
-            else:
-                heappush(bucket.heap, task)
-        else:
-            fifo.append(task)
-        self._count += 1
-
-    def pop(self) -> Task | None:
-        """Remove and return the first task (dead or alive), or None if empty."""
-        priorities = self._priorities
-        while priorities:
-            bucket = self._buckets[-priorities[0]]
-            fifo = bucket.fifo
-            heap = bucket.heap
-            if fifo:
-                task = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
-            elif heap:
-                task = heappop(heap)
-            else:  # an emptied bucket: drop it
-                del self._buckets[-heappop(priorities)]
-                continue
-            self._count -= 1
-            return task
-        return None
-
-    def compact(self, live: int) -> None:
-        """Drop every dead entry, given the number of ``live`` (PENDING) ones.
-
-        Dead entries at either end of a FIFO go one by one, without touching the
-        live ones: cancelling in submission order, or the latest submissions, leaves
-        them there. Only if some remain is the queue rebuilt.
-        """
-        if not live:
-            self.clear()
-            return
-        count = self._count
-        for bucket in self._buckets.values():
-            fifo = bucket.fifo
-            while fifo and fifo[0].state is not PENDING:
-                fifo.popleft()
-                count -= 1
-            while fifo and fifo[-1].state is not PENDING:
-                fifo.pop()
-                count -= 1
-        self._count = count
-        if count == live:
-            return
-        for priority, bucket in list(self._buckets.items()):
-            bucket.fifo = deque([t for t in bucket.fifo if t.state is PENDING])
-            bucket.heap = [t for t in bucket.heap if t.state is PENDING]
-            heapify(bucket.heap)
-            if not bucket.fifo and not bucket.heap:
-                del self._buckets[priority]
-        self._priorities = [-p for p in self._buckets]
-        heapify(self._priorities)
-        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        self._buckets.clear()
-        self._priorities.clear()
-        self._count = 0
+    def __repr__(self) -> str:
+        return f"<Lane {self.name!r} queued={self.queued} running={self.running}>"
 
 
 def _waiting(task: Task) -> bool:
@@ -207,13 +153,19 @@ class Scheduler:
     def __init__(self, rng: random.Random | None = None) -> None:
         #: Every task whose id is reserved: not yet terminal, or terminal and cached.
         self.tasks: dict[str, Task] = {}
-        self._ready = ReadyQueue()
-        self._timers: list[Task] = []  # heap by (start, seq); see Task.__lt__
+        #: One lane per executor; lane 0 is the thread pool, and the default.
+        self.lanes: list[Lane] = [Lane(0, "threads")]
+        self._lane0 = self.lanes[0]
         self._deadlines: list[tuple[float, int, TaskContext]] = []
         self._expiry: list[tuple[float, int, Task]] = []  # cached results: (purge at, seq, task)
-        self._ready_dead = 0  # dead entries in _ready (live ones: ``queued``)
-        self._timer_dead = 0
-        #: Workers stuck in a cancelled or timed-out attempt, for the caller to replace.
+        #: Set when ``_expiry`` gains its first entry: whoever keeps time for the purge
+        #: (the cluster's service thread) must be told. The caller clears it.
+        self.expiry_armed = False
+        #: Objects dropped under the lock that may hold the last reference to user
+        #: objects; the caller frees them after releasing the lock (see the module doc).
+        self.graveyard: list[object] = []
+        #: Slots (whatever ``ctx._worker`` held) stuck in a cancelled or timed-out
+        #: attempt, for the caller to replace or abort.
         self.abandoned: list[object] = []
         self._seq = itertools.count(1).__next__
         self._ids = itertools.count(1).__next__
@@ -223,13 +175,17 @@ class Scheduler:
         # Counters.
         self.submitted = self.succeeded = self.failed = 0
         self.cancelled = self.timed_out = self.retried = 0
-        # Gauges: tasks PENDING, DELAYED or RETRYING, RUNNING.
-        self.queued = self.delayed = self.running = 0
+
+    def add_lane(self, name: str) -> Lane:
+        """A new lane for an executor named ``name``."""
+        lane = Lane(len(self.lanes), name)
+        self.lanes.append(lane)
+        return lane
 
     # -- submission and lookup ------------------------------------------------
 
     def submit(self, task: Task, now: float) -> bool:
-        """Accept ``task``; return True if it is due now (a worker should take it)."""
+        """Accept ``task``; return True if it is due now (its executor should take it)."""
         if self._expiry and self._expiry[0][0] <= now:
             self.purge(now)
         tasks = self.tasks
@@ -241,6 +197,9 @@ class Scheduler:
             task.id = tid
         elif tid in tasks:
             raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
+        lane = task.lane
+        if lane is None:
+            lane = task.lane = self._lane0
         tasks[tid] = task
         task.seq = self._seq()
         task.submitted_at = now
@@ -249,12 +208,12 @@ class Scheduler:
         if start is None or start <= now:
             if start is None:
                 start = task.start = now
-            self.queued += 1
-            self._ready.push(task)
+            lane.queued += 1
+            lane.ready.push(task)
             return True
         task.state = DELAYED
-        self.delayed += 1
-        heappush(self._timers, task)
+        lane.delayed += 1
+        heappush(lane.timers, task)
         return False
 
     def lookup(self, task_id: str, now: float) -> Task:
@@ -277,38 +236,49 @@ class Scheduler:
         """Forget cached results whose TTL has passed."""
         expiry = self._expiry
         tasks = self.tasks
+        bury = self.graveyard.append
         while expiry and expiry[0][0] <= now:
             task = heappop(expiry)[2]
+            bury(task)
             if tasks.get(task.id) is task:  # type: ignore[arg-type]
                 del tasks[task.id]  # type: ignore[arg-type]
 
+    def next_expiry(self) -> float | None:
+        """When the earliest cached result is due to be purged, or None."""
+        expiry = self._expiry
+        return expiry[0][0] if expiry else None
+
     # -- dispatch -------------------------------------------------------------
 
-    def pop(self, now: float) -> Task | None:
-        """Start the next attempt: the best due task, now RUNNING with a fresh ctx."""
-        timers = self._timers
+    def pop(self, now: float, lane: Lane | None = None) -> Task | None:
+        """Start the next attempt of ``lane`` (default: lane 0): the best due task,
+        now RUNNING with a fresh ctx."""
+        if lane is None:
+            lane = self._lane0
+        timers = lane.timers
         if timers and timers[0].start <= now:  # type: ignore[operator]
-            self._promote(now)
-        pop = self._ready.pop
+            self._promote(lane, now)
+        pop = lane.ready.pop
         while True:
             task = pop()
             if task is None:
                 return None
             if task.state is PENDING:
                 break
-            self._ready_dead -= 1
-        self.queued -= 1
-        self.running += 1
+            lane.ready_dead -= 1
+            self.graveyard.append(task)
+        lane.queued -= 1
+        lane.running += 1
         task.state = RUNNING
         if task.opts.timeout is not None or task.attempts:
-            self._begin(task, TaskContext(task, task.attempts, None), now)
+            self._begin(task, lane, TaskContext(task, task.attempts, None), now)
         else:  # the common case, inlined: a first attempt without timeout
             task.attempts = 1
             task.started_at = now
             task.ctx = TaskContext(task, 0, None)
         return task
 
-    def _begin(self, task: Task, ctx: TaskContext, now: float) -> None:
+    def _begin(self, task: Task, lane: Lane, ctx: TaskContext, now: float) -> None:
         task.attempts += 1
         task.started_at = now
         task.ctx = ctx
@@ -321,28 +291,29 @@ class Scheduler:
                 heapify(deadlines)
             heappush(deadlines, (ctx.deadline, self._seq(), ctx))
 
-    def _promote(self, now: float) -> None:
-        timers = self._timers
-        ready = self._ready
+    def _promote(self, lane: Lane, now: float) -> None:
+        timers = lane.timers
+        ready = lane.ready
         while timers and timers[0].start <= now:  # type: ignore[operator]
             task = heappop(timers)
             if _waiting(task):
                 task.state = PENDING
-                self.delayed -= 1
-                self.queued += 1
+                lane.delayed -= 1
+                lane.queued += 1
                 ready.push(task)
             else:
-                self._timer_dead -= 1
+                lane.timer_dead -= 1
+                self.graveyard.append(task)
 
-    def next_due(self) -> float | None:
-        """When the earliest waiting task becomes due, or None if none waits."""
-        timers = self._timers
+    def next_due(self, lane: Lane | None = None) -> float | None:
+        """When the earliest waiting task of ``lane`` becomes due, or None if none waits."""
+        timers = (self._lane0 if lane is None else lane).timers
         while timers:
             task = timers[0]
             if _waiting(task):
                 return task.start
-            heappop(timers)
-            self._timer_dead -= 1
+            self.graveyard.append(heappop(timers))
+            (self._lane0 if lane is None else lane).timer_dead -= 1
         return None
 
     # -- the end of an attempt -------------------------------------------------
@@ -366,7 +337,7 @@ class Scheduler:
             return STALE
         ctx._task = None
         ctx._worker = None
-        self.running -= 1
+        task.lane.running -= 1  # type: ignore[union-attr]
         task.ctx = None
         if error is None:
             self._finalize(task, SUCCEEDED, value, None, now)
@@ -382,7 +353,7 @@ class Scheduler:
         ctx._worker = None
         if task is None or task.state is not RUNNING or task.ctx is not None:
             return STALE  # cancelled or shut down meanwhile
-        self.running -= 1
+        task.lane.running -= 1  # type: ignore[union-attr]
         return self._failed(task, error, delay, now, False)
 
     def _failed(
@@ -390,7 +361,8 @@ class Scheduler:
     ) -> int:
         if delay is not None and self.retries_allowed:
             self.retried += 1
-            self.delayed += 1
+            lane = task.lane
+            lane.delayed += 1  # type: ignore[union-attr]
             task.state = RETRYING
             task._error = error
             task.start = now + delay
@@ -399,7 +371,7 @@ class Scheduler:
                 task.ctx = TaskContext(task, task.attempts, None)
                 return SLEEP
             task.ctx = None
-            heappush(self._timers, task)
+            heappush(lane.timers, task)  # type: ignore[union-attr]
             return REQUEUED
         task.ctx = None
         state = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
@@ -413,16 +385,11 @@ class Scheduler:
             return False
         ctx._task = None
         task.state = RUNNING
-        self.delayed -= 1
-        self.running += 1
-        self._begin(task, TaskContext(task, task.attempts, None), now)
+        lane = task.lane
+        lane.delayed -= 1  # type: ignore[union-attr]
+        lane.running += 1  # type: ignore[union-attr]
+        self._begin(task, lane, TaskContext(task, task.attempts, None), now)  # type: ignore[arg-type]
         return True
-
-    def wake_sleepers(self) -> None:
-        """Cut every IMMEDIATE backoff short (graceful stop): the retries run now."""
-        for task in self.tasks.values():
-            if task.state is RETRYING and task.ctx is not None:
-                task.ctx.signal("shutdown")
 
     # -- timeouts -------------------------------------------------------------
 
@@ -463,22 +430,23 @@ class Scheduler:
     def cancel(self, task: Task, reason: str, now: float) -> bool:
         """Cancel ``task``; False if it was already terminal.
 
-        The worker of a cancelled running attempt is stuck in user code: it is
-        appended to ``abandoned`` for the caller to replace.
+        The slot of a cancelled running attempt is stuck in user code: it is
+        appended to ``abandoned`` for the caller to replace or abort.
         """
         state = task.state
+        lane: Lane = task.lane  # type: ignore[assignment]
         if state is PENDING:  # (a queued task has no ctx)
-            self.queued -= 1
-            self._ready_dead += 1
+            lane.queued -= 1
+            lane.ready_dead += 1
         elif state is DELAYED or state is RETRYING:
-            self.delayed -= 1
+            lane.delayed -= 1
             if task.ctx is None:
-                self._timer_dead += 1
+                lane.timer_dead += 1
             else:  # an IMMEDIATE retry: wake the worker sleeping on it
                 task.ctx.signal(reason)
                 task.ctx = None
         elif state is RUNNING:
-            self.running -= 1
+            lane.running -= 1
             ctx = task.ctx
             if ctx is not None:  # None: a timed-out attempt being settled
                 if ctx._worker is not None:
@@ -492,11 +460,11 @@ class Scheduler:
         # The reason stands for the TaskCancelledError, created when first read.
         self._finalize(task, CANCELLED, None, reason, now)  # first: the entry is now dead
         if state is PENDING:
-            if self._ready_dead > self.queued:  # dead entries are the majority
-                self._ready.compact(self.queued)  # O(live): amortised O(1) per cancel
-                self._ready_dead = 0
-        elif self._timer_dead:
-            self._compact_timers()
+            if lane.ready_dead > lane.queued:  # dead entries are the majority
+                lane.ready.compact(lane.queued, self.graveyard)  # amortised O(1) per cancel
+                lane.ready_dead = 0
+        elif lane.timer_dead:
+            self._compact_timers(lane)
         return True
 
     def cancel_all(self, reason: str, now: float, running: bool) -> list[Task]:
@@ -509,17 +477,19 @@ class Scheduler:
             done.append(task)
         return done
 
-    def _compact_timers(self) -> None:
-        """The same for the timer heap, after a waiting task died."""
-        timers = self._timers
-        dead = self._timer_dead
+    def _compact_timers(self, lane: Lane) -> None:
+        """The same for a lane's timer heap, after a waiting task died."""
+        timers = lane.timers
+        dead = lane.timer_dead
         if dead == len(timers):
+            self.graveyard.append(timers[:])
             timers.clear()
-            self._timer_dead = 0
+            lane.timer_dead = 0
         elif dead > _COMPACT_MIN and 2 * dead > len(timers):
+            self.graveyard.append(timers[:])
             timers[:] = [t for t in timers if _waiting(t)]
             heapify(timers)
-            self._timer_dead = 0
+            lane.timer_dead = 0
 
     # -- terminal transition ----------------------------------------------------
 
@@ -534,14 +504,14 @@ class Scheduler:
         """The one terminal transition of a task (the caller checked it was live).
 
         ``error`` is the exception, or for CANCELLED the reason (see ``Task.error``).
+        The task goes to the graveyard: its function and arguments are dropped there,
+        outside the lock (``Task.release``).
         """
         task.state = state
         task.value = value
         task._error = error
         task.finished_at = now
-        task.fn = None  # drop references to the work itself at once
-        task.args = ()
-        task.kwargs = _NO_KWARGS
+        self.graveyard.append(task)
         if state is SUCCEEDED:
             self.succeeded += 1
         elif state is FAILED:
@@ -556,23 +526,40 @@ class Scheduler:
             # that went through it, removes it: it is still there, and it is this task.
             del self.tasks[task.id]  # type: ignore[arg-type]
         else:
+            if not self._expiry:
+                self.expiry_armed = True
             heappush(self._expiry, (now + ttl, task.seq, task))
-        if not self.running and self._deadlines:
+        if self._deadlines and not self.running:
             self._deadlines.clear()  # all dead: no attempt is running
 
     # -- introspection ----------------------------------------------------------
 
     @property
+    def queued(self) -> int:
+        """Tasks due and waiting for a slot of their executor, over all lanes."""
+        return sum(lane.queued for lane in self.lanes)
+
+    @property
+    def delayed(self) -> int:
+        """Tasks waiting for a start time or a retry backoff, over all lanes."""
+        return sum(lane.delayed for lane in self.lanes)
+
+    @property
+    def running(self) -> int:
+        """Attempts running (not detached), over all lanes."""
+        return sum(lane.running for lane in self.lanes)
+
+    @property
     def live(self) -> int:
         """Tasks accepted and not yet terminal."""
-        return self.queued + self.delayed + self.running
+        return sum(lane.queued + lane.delayed + lane.running for lane in self.lanes)
 
     def sizes(self) -> dict[str, int]:
         """Lengths of the internal structures (for tests of memory bounds)."""
         return {
             "tasks": len(self.tasks),
-            "ready": len(self._ready),
-            "timers": len(self._timers),
+            "ready": sum(len(lane.ready) for lane in self.lanes),
+            "timers": sum(len(lane.timers) for lane in self.lanes),
             "deadlines": len(self._deadlines),
             "expiry": len(self._expiry),
         }

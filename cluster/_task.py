@@ -12,13 +12,16 @@ import contextvars
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from queue import SimpleQueue
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from ._backoff import FixedBackoff, RetryMode
 from ._errors import TaskCancelledError, TaskTimeoutError
+
+if TYPE_CHECKING:
+    from ._core import Lane
 
 T = TypeVar("T")
 
@@ -98,6 +101,15 @@ class TaskInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecutorStats:
+    """The gauges of one executor, in ``ClusterStats.executors``."""
+
+    capacity: int  #: its workers (``async_limit`` for "async", ``slots`` for Dask)
+    running: int  #: attempts running on it now
+    queued: int  #: its tasks that are due and wait for a free slot
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterStats:
     """Counters since the cluster was created, and gauges of the present moment."""
 
@@ -112,6 +124,8 @@ class ClusterStats:
     running: int
     workers: int  #: pool strength
     abandoned: int = 0  #: threads still stuck in a timed-out or cancelled attempt
+    #: Per executor (``"threads"``, ``"async"`` once used, and every named one).
+    executors: dict[str, ExecutorStats] = field(default_factory=dict)
 
 
 class Options:
@@ -122,6 +136,7 @@ class Options:
         "jitter",
         "on_complete",
         "on_failure",
+        "payload",
         "retries",
         "retry_if",
         "retry_mode",
@@ -139,6 +154,8 @@ class Options:
         self.ttl: float | None = None  #: None: purge once delivered
         self.on_complete: CompleteCallback | None = None
         self.on_failure: FailureCallback | None = None
+        #: What an executor prepared at submit (the process executor: the pickled call).
+        self.payload: Any = None
 
     def copy(self) -> Options:
         """A private copy for a builder to change."""
@@ -152,6 +169,7 @@ class Options:
         new.ttl = self.ttl
         new.on_complete = self.on_complete
         new.on_failure = self.on_failure
+        new.payload = self.payload
         return new
 
 
@@ -168,16 +186,21 @@ _NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
 # Always taken last (after a cluster lock, never before one).
 _GUARD = threading.Lock()
 
-_REASON_WORDS = {"cancelled": "cancelled", "shutdown": "cancelled by shutdown"}
+_REASON_WORDS = {
+    "cancelled": "cancelled",
+    "shutdown": "cancelled by shutdown",
+    "fork": "cancelled: it was inherited by a forked child process, where it cannot run",
+}
 
 
 class Task:
     """The scheduler's record of one submitted task.
 
     Every field is guarded by the owning cluster's lock, except that the worker
-    running an attempt reads ``fn``/``args``/``kwargs`` (fixed while it runs) and
-    ``TaskContext.progress`` writes ``progress`` (a single attribute store), and a
-    cancelled task's error is created by its first reader under ``_GUARD``.
+    running an attempt reads ``fn``/``args``/``kwargs`` (fixed while it runs),
+    ``TaskContext.progress`` writes ``progress`` (a single attribute store), a
+    cancelled task's error is created by its first reader under ``_GUARD``, and
+    ``release()`` clears the work of a terminal task outside the lock.
     """
 
     __slots__ = (
@@ -189,6 +212,7 @@ class Task:
         "fn",
         "id",
         "kwargs",
+        "lane",
         "opts",
         "priority",
         "progress",
@@ -211,6 +235,7 @@ class Task:
         self.priority = 0
         self.start: float | None = None  # monotonic due time; None: at submit
         self.opts = DEFAULT_OPTIONS  # replaced by a private copy before any change
+        self.lane: Lane | None = None  # the executor's lane; None: the default (threads)
         # Set by Scheduler.submit: seq (submission order, the FIFO tie-breaker)
         # and submitted_at; left unset until then to keep the builder cheap.
         self.seq: int
@@ -226,6 +251,16 @@ class Task:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.progress: Any = None
+
+    def release(self) -> None:
+        """Drop the references to the work itself (called outside every lock, once the
+        task is terminal: user finalizers may run here)."""
+        self.fn = None
+        self.args = ()
+        self.kwargs = _NO_KWARGS
+        opts = self.opts
+        if opts.payload is not None:
+            opts.payload = None
 
     def __lt__(self, other: Task) -> bool:
         # The timer heap's order: (start, seq). Only tasks waiting there compare.
@@ -262,7 +297,16 @@ class Task:
 class TaskContext:
     """What a running task can know and do about itself; see ``cluster.current()``."""
 
-    __slots__ = ("_event", "_reason", "_task", "_worker", "attempt", "deadline", "task_id")
+    __slots__ = (
+        "_event",
+        "_hook",
+        "_reason",
+        "_task",
+        "_worker",
+        "attempt",
+        "deadline",
+        "task_id",
+    )
 
     def __init__(self, task: Task, attempt: int, deadline: float | None) -> None:
         self.task_id: str = task.id  # type: ignore[assignment]
@@ -272,6 +316,9 @@ class TaskContext:
         self._reason: str | None = None
         self._event: threading.Event | None = None  # created on first use
         self._worker: object = None  # the worker inside this attempt's call, if any
+        # Called (under the cluster lock; it must not block) when the attempt is
+        # signalled: how the event loop learns to cancel a coroutine.
+        self._hook: Callable[[], object] | None = None
 
     @property
     def cancelled(self) -> threading.Event:
@@ -314,6 +361,9 @@ class TaskContext:
             event = self._event
         if event is not None:
             event.set()
+        hook = self._hook
+        if hook is not None:
+            hook()
 
     def __repr__(self) -> str:
         return f"<TaskContext {self.task_id!r} attempt={self.attempt} reason={self._reason}>"

@@ -21,6 +21,7 @@ from cluster import (
     LinearBackoff,
     RetryMode,
     TaskCancelledError,
+    StopTimeoutError,
     TaskTimeoutError,
     current,
 )
@@ -506,7 +507,31 @@ def test_cancel_during_requeue_backoff_prevents_retry(make_cluster: MakeCluster)
     assert_no_more(q, 0.05)
 
 
-def test_stop_wakes_immediate_backoff(make_cluster: MakeCluster) -> None:
+@pytest.mark.parametrize("mode", [RetryMode.REQUEUE, RetryMode.IMMEDIATE])
+def test_stop_honours_the_backoff_of_either_mode(make_cluster: MakeCluster, mode: RetryMode) -> None:
+    """A graceful stop() waits out a retry's backoff in both modes (a server's
+    Retry-After is respected even while stopping), then the retry runs."""
+    c = make_cluster(1)
+    failed = threading.Event()
+
+    def fn() -> str:
+        if current().attempt == 0:
+            failed.set()
+            raise RuntimeError("fail, then wait the backoff")
+        return "retried"
+
+    h = c.add_task(fn).with_retry(1).with_retry_mode(mode).with_backoff(FixedBackoff(0.3)).submit()
+    assert failed.wait(WAIT)
+    t0 = time.monotonic()
+    c.stop(timeout=WAIT)
+    assert time.monotonic() - t0 >= 0.25  # the backoff was not cut short
+    assert h.result(0) == "retried"
+
+
+@pytest.mark.parametrize("mode", [RetryMode.REQUEUE, RetryMode.IMMEDIATE])
+def test_stop_timeout_shorter_than_a_backoff_cancels_the_retry(
+    make_cluster: MakeCluster, mode: RetryMode
+) -> None:
     c = make_cluster(1)
     failed = threading.Event()
 
@@ -516,18 +541,13 @@ def test_stop_wakes_immediate_backoff(make_cluster: MakeCluster) -> None:
             raise RuntimeError("fail, then sleep a long backoff")
         return "retried"
 
-    h = (
-        c.add_task(fn)
-        .with_retry(1)
-        .with_retry_mode(RetryMode.IMMEDIATE)
-        .with_backoff(FixedBackoff(30))
-        .submit()
-    )
+    h = c.add_task(fn).with_retry(1).with_retry_mode(mode).with_backoff(FixedBackoff(30)).submit()
     assert failed.wait(WAIT)
     t0 = time.monotonic()
-    c.stop(timeout=3)  # StopTimeoutError here means stop() left the worker asleep
+    with pytest.raises(StopTimeoutError):
+        c.stop(timeout=0.2)
     assert time.monotonic() - t0 < 3
-    assert h.done()
+    assert isinstance(h.wait(0).error, TaskCancelledError)  # type: ignore[union-attr]
 
 
 def test_cluster_cancel_wakes_immediate_backoff(make_cluster: MakeCluster) -> None:
@@ -813,7 +833,7 @@ def test_idle_callback_thread_serves_the_next_burst_and_stop_ends_it(
 ) -> None:
     # The callback thread lingers between bursts (so a timeout's callback does not
     # wait for a thread to start); stop() must wake it rather than wait it out.
-    monkeypatch.setattr("cluster._cluster.CALLBACK_LINGER", 600.0)
+    monkeypatch.setattr("cluster._delivery.LINGER", 600.0)
     c = make_cluster(1)
     hold_worker(c, new_event())
     threads: queue.SimpleQueue[threading.Thread] = queue.SimpleQueue()

@@ -675,7 +675,7 @@ def test_memory_plateau(h: Harness) -> None:
         tracemalloc.stop()
     growth = after - before
     print(f"traced memory growth over {main} tasks: {growth} bytes")
-    sizes = c._sched.sizes()
+    sizes = c._rt.sched.sizes()
     assert sizes["tasks"] == 0, f"idle scheduler still holds tasks: {sizes} {h.tag()}"
     assert growth < 1_000_000, f"memory grew {growth} bytes over {main} tasks {h.tag()}"
     assert max(sizes.values()) <= 64, f"internal structures stay large: {sizes} {h.tag()}"

@@ -1,0 +1,128 @@
+"""The due queue: tasks ordered by (-priority, start, seq), O(1) in the common case."""
+
+from __future__ import annotations
+
+from collections import deque
+from heapq import heapify, heappop, heappush
+
+from ._task import Task, TaskState
+
+__all__ = ["ReadyQueue"]
+
+PENDING = TaskState.PENDING
+
+
+def _discard(item: object) -> None:
+    """Where dropped entries go when the caller keeps no graveyard (tests)."""
+
+
+class _Bucket:
+    """The due tasks of one priority, in (start, seq) order.
+
+    Tasks almost always arrive in order (a task due now has the latest start), so
+    they go to ``fifo`` in O(1); the rare out-of-order task (a past start time, a
+    promoted timer) goes to the small ``heap`` (ordered by ``Task.__lt__``). The
+    next task is the lesser of the two heads. Both hold the tasks themselves: no
+    tuple per queued task.
+    """
+
+    __slots__ = ("fifo", "heap")
+
+    def __init__(self) -> None:
+        self.fifo: deque[Task] = deque()
+        self.heap: list[Task] = []
+
+
+class ReadyQueue:
+    """Due tasks by (-priority, start, seq): O(1) push and pop in the FIFO case.
+
+    Holds dead entries (tasks no longer PENDING) until they are popped or
+    ``compact`` drops them; ``len()`` counts entries, dead ones included.
+    """
+
+    __slots__ = ("_buckets", "_count", "_priorities")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, _Bucket] = {}
+        self._priorities: list[int] = []  # heap of -priority, one per bucket
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def push(self, task: Task) -> None:
+        """Add ``task`` (its priority, start and seq are set) to its priority's bucket."""
+        priority = task.priority
+        bucket = self._buckets.get(priority)
+        if bucket is None:
+            bucket = self._buckets[priority] = _Bucket()
+            heappush(self._priorities, -priority)
+        fifo = bucket.fifo
+        if fifo:
+            last = fifo[-1]
+            start = task.start
+            # Inlined ``last < task``: this runs once per submitted task.
+            if last.start < start or (last.start == start and last.seq < task.seq):  # type: ignore[operator]
+                fifo.append(task)
+            else:
+                heappush(bucket.heap, task)
+        else:
+            fifo.append(task)
+        self._count += 1
+
+    def pop(self) -> Task | None:
+        """Remove and return the first task (dead or alive), or None if empty."""
+        priorities = self._priorities
+        while priorities:
+            bucket = self._buckets[-priorities[0]]
+            fifo = bucket.fifo
+            heap = bucket.heap
+            if fifo:
+                task = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
+            elif heap:
+                task = heappop(heap)
+            else:  # an emptied bucket: drop it
+                del self._buckets[-heappop(priorities)]
+                continue
+            self._count -= 1
+            return task
+        return None
+
+    def compact(self, live: int, graveyard: list[object] | None = None) -> None:
+        """Drop every dead entry, given the number of ``live`` (PENDING) ones.
+
+        Dead entries at either end of a FIFO go one by one, without touching the
+        live ones: cancelling in submission order, or the latest submissions, leaves
+        them there. Only if some remain is the queue rebuilt. What is dropped goes
+        to ``graveyard`` (see ``Scheduler.graveyard``) rather than being freed here.
+        """
+        bury = graveyard.append if graveyard is not None else _discard
+        if not live:
+            bury(self._buckets)
+            self._buckets = {}
+            self._priorities.clear()
+            self._count = 0
+            return
+        count = self._count
+        for bucket in self._buckets.values():
+            fifo = bucket.fifo
+            while fifo and fifo[0].state is not PENDING:
+                bury(fifo.popleft())
+                count -= 1
+            while fifo and fifo[-1].state is not PENDING:
+                bury(fifo.pop())
+                count -= 1
+        self._count = count
+        if count == live:
+            return
+        for priority, bucket in list(self._buckets.items()):
+            bury(bucket.fifo)
+            bury(bucket.heap)
+            bucket.fifo = deque([t for t in bucket.fifo if t.state is PENDING])
+            bucket.heap = [t for t in bucket.heap if t.state is PENDING]
+            heapify(bucket.heap)
+            if not bucket.fifo and not bucket.heap:
+                del self._buckets[priority]
+        self._priorities = [-p for p in self._buckets]
+        heapify(self._priorities)
+        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())

@@ -1,0 +1,748 @@
+"""The engine behind a ``Cluster``: the lock, the scheduler, the executors, the life cycle.
+
+``Cluster`` (``_cluster.py``) is a thin public face; everything runs here, and the
+cluster's own threads (slots, the service thread, runners, the event loop)
+reference only this object. So a ``Cluster`` that nobody references any more is
+garbage collected like any object, and its finalizer stops this engine gracefully:
+the threads exit once the accepted tasks have their Results.
+
+Locking. One lock, ``Runtime.lock``, guards the scheduler, every backend's and
+runner's bookkeeping, and every field marked below. The hot paths (submit,
+subscribe, cancel, the slot loop) take it through ``acquire_contended`` when it is
+held (see ``_sync``). No user code runs under it, and nothing that may free user
+objects: what the scheduler drops goes to its graveyard, freed by ``bury`` after
+the lock is released; a terminal task's work is dropped by ``Task.release`` by the
+thread that ended it, after it released the lock.
+
+Who delivers: the thread that makes a task terminal hands its Result to every sink
+outside the lock, then runs the callbacks (inline on a slot thread, on a runner
+otherwise: see ``_delivery``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from concurrent.futures import Future, InvalidStateError
+from queue import SimpleQueue
+from typing import Any
+
+from . import _task
+from ._backend import Backend, join_threads
+from ._clock import Clock
+from ._core import DONE, REQUEUED, Lane, Scheduler, retry_delay
+from ._delivery import Runners, Signal, deliver_sinks, has_callbacks, run_callbacks
+from ._errors import ClusterError, ClusterStoppedError, StopTimeoutError, TaskTimeoutError
+from ._service import Service
+from ._slots import Slot, ThreadPool
+from ._sync import MAX_WAIT, acquire_bounded, acquire_contended, wait_event
+from ._task import (
+    TERMINAL,
+    ClusterStats,
+    ExecutorStats,
+    Result,
+    Sink,
+    Task,
+    TaskContext,
+    TaskInfo,
+)
+
+__all__ = ["ASYNC", "RESERVED", "THREADS", "Runtime", "current_runtime"]
+
+log = logging.getLogger("cluster")
+
+THREADS = "threads"
+ASYNC = "async"
+RESERVED = frozenset({THREADS, ASYNC})
+
+#: How long cancel() and the exit hook wait for a lock that a thread never released
+#: (a KeyboardInterrupt between a hot path's acquire and its ``try``).
+LOCK_GIVE_UP = 5.0
+
+#: How long past a stop's deadline its join still waits for threads that are exiting.
+JOIN_GRACE = 0.25
+
+# Life cycle (ordered: a state only ever moves forward).
+NEW, RUNNING, STOPPING, TERMINATED = range(4)
+
+#: ``_LOCAL.runtime`` is the Runtime a thread works for (slots, service, runners, loop).
+_LOCAL = threading.local()
+
+#: Runtimes not yet garbage collected, for the exit hook and the fork handler.
+_LIVE: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def current_runtime() -> Runtime | None:
+    """The Runtime whose thread this is, or None."""
+    return getattr(_LOCAL, "runtime", None)
+
+
+class Runtime:
+    """Lock, scheduler, executors, life cycle and delivery of one cluster."""
+
+    def __init__(
+        self,
+        workers: int,
+        executors: dict[str, Backend],
+        clock: Clock,
+        async_limit: int,
+        async_factory: Any,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.clock = clock
+        #: The clock's monotonic function itself (the hot paths call it per task).
+        self.monotonic = clock.monotonic
+        # ---- guarded by lock ----
+        self.sched = Scheduler()
+        self.state = NEW
+        self.unsettled = 0  # accepted tasks whose Result is not yet delivered
+        self.abandoned_threads = 0  # threads still inside an abandoned attempt
+        self._threads = 0  # serial number for thread names
+        self.runners = Runners(self)
+        self.service = Service(self)
+        self._settled = threading.Condition(self.lock)  # stop() waits for unsettled == 0
+        # ---- fixed after __init__ ----
+        self.pool = ThreadPool(workers)
+        self.backends: dict[str, Backend] = {}
+        self._bind(THREADS, self.pool, self.sched.lanes[0])
+        for name, backend in executors.items():
+            self._bind(name, backend, self.sched.add_lane(name))
+        self._async_limit = async_limit
+        self._async_factory = async_factory  # makes the "async" backend on first use
+        self._watched: list[Backend] = []  # backends with a watch_locked (guarded by lock)
+        clock.listen(self._clock_jumped)
+        _LIVE.add(self)
+
+    def _bind(self, name: str, backend: Backend, lane: Lane) -> None:
+        backend.bind(self, lane)
+        self.backends[name] = backend
+
+    def thread_name(self, role: str) -> str:
+        """A name for a new cluster thread (caller holds the lock or is __init__)."""
+        self._threads += 1
+        return f"cluster-{role}-{self._threads}"
+
+    def enter_thread(self) -> None:
+        """Mark the calling thread as one of this cluster's own."""
+        _LOCAL.runtime = self
+
+    # ------------------------------------------------------------------ lanes (TaskHost)
+
+    def _lane(self, name: str) -> Lane:
+        backend = self.backends.get(name)
+        if backend is None:
+            if name == ASYNC:
+                return self._async_lane()
+            if not isinstance(name, str):
+                raise TypeError(f"name must be a str, got {type(name).__name__}")
+            known = ", ".join(repr(n) for n in sorted({*self.backends, ASYNC}))
+            raise ValueError(f"no executor named {name!r}; this cluster has {known}")
+        return backend.lane  # type: ignore[return-value]
+
+    def _async_lane(self) -> Lane:
+        backend = self.backends.get(ASYNC)
+        if backend is None:
+            with self.lock:
+                backend = self.backends.get(ASYNC)
+                if backend is None:
+                    backend = self._async_factory(self._async_limit)
+                    lane = self.sched.add_lane(ASYNC)
+                    backend.bind(self, lane)
+                    # A new dict, not an update: readers look it up without the lock.
+                    self.backends = {**self.backends, ASYNC: backend}
+                    if self.state == RUNNING:
+                        backend.start_locked()
+        return backend.lane  # type: ignore[return-value]
+
+    def watch_locked(self, backend: Backend) -> None:
+        """``backend`` wants ``watch_locked(now)`` calls from the service thread."""
+        if backend not in self._watched:
+            self._watched.append(backend)
+        self.service.arm_locked(self.monotonic())
+
+    def watch_backends_locked(self, now: float) -> float | None:
+        """The service thread's look at the watched backends; when to look again."""
+        soonest = None
+        for backend in self._watched:
+            when = backend.watch_locked(now)
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        return soonest
+
+    # ------------------------------------------------------------------ life cycle
+
+    def terminated_locked(self) -> bool:
+        """True once the cluster reached its final state."""
+        return self.state == TERMINATED
+
+    def exiting_locked(self) -> bool:
+        """Should an idle slot leave? (terminated, or stopping with nothing unsettled)"""
+        state = self.state
+        return state == TERMINATED or (state == STOPPING and not self.unsettled)
+
+    def lingering_locked(self) -> bool:
+        """May an idle runner linger for more work? (only while running)"""
+        return self.state == RUNNING
+
+    def run(self) -> None:
+        """Start the executors (see ``Cluster.run``)."""
+        with self.lock:
+            if self.state >= STOPPING:
+                raise ClusterStoppedError("the cluster was stopped; it cannot run again")
+            if self.state == RUNNING:
+                return
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        self.state = RUNNING
+        for backend in self.backends.values():
+            backend.start_locked()
+
+    def stop(self, limit: float | None, cancel_pending: bool) -> None:
+        """Graceful shutdown (see ``Cluster.stop``); ``limit`` in real seconds."""
+        import time
+
+        deadline = None if limit is None else time.monotonic() + limit
+        own = current_runtime() is self
+        cancelled: list[Task] = []
+        with self.lock:
+            state = self.state
+            if state == NEW:  # graceful means the queued tasks still run
+                self._start_locked()
+            if self.state == RUNNING:
+                self.state = STOPPING
+            if cancel_pending and self.state == STOPPING:
+                self.sched.retries_allowed = False
+                cancelled = self.sched.cancel_all("shutdown", self.monotonic(), False)
+            if self.state == STOPPING:
+                self._wake_all_locked()
+        if state == TERMINATED:  # stopped, cancelled, or inherited by a forked child
+            if not own:
+                self._join_or_raise(deadline, limit)
+            return
+        self.deliver_all(cancelled)
+        if own and limit is None:
+            return  # a cluster thread cannot wait for itself: the shutdown goes on
+        with self.lock:
+            while self.unsettled or self._owed_locked():
+                if deadline is None:
+                    self._settled.wait(MAX_WAIT)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._settled.wait(min(remaining, MAX_WAIT))
+            unfinished = self.unsettled
+        if unfinished:
+            count = self.terminate()
+            raise StopTimeoutError(
+                f"stop() timed out after {limit}s; {count} unfinished tasks were cancelled"
+            )
+        self.terminate()
+        if not own:  # a cluster thread never joins the others (they may be joining it)
+            self._join_or_raise(deadline, limit)
+
+    def _join_or_raise(self, deadline: float | None, limit: float | None) -> None:
+        # Idle threads exit within milliseconds of being woken: give them that much
+        # past the deadline, so that only a thread stuck in user code counts.
+        import time
+
+        if deadline is not None:
+            deadline = max(deadline, time.monotonic() + JOIN_GRACE)
+        stuck = self.join(deadline)
+        if stuck:
+            raise StopTimeoutError(
+                f"stop() timed out after {limit}s: every task has its Result, but "
+                f"{stuck} cluster threads are still inside callbacks; they were abandoned"
+            )
+
+    def cancel(self) -> None:
+        """Immediate shutdown (see ``Cluster.cancel``)."""
+        self.terminate(bounded=True)
+
+    def terminate(self, bounded: bool = False) -> int:
+        """Enter the final state, cancelling whatever is not terminal; return that count.
+
+        ``bounded``: give up (and log) if the lock cannot be had within ``LOCK_GIVE_UP``
+        seconds, rather than hang (a lock left held by an interrupted thread).
+        """
+        lock = self.lock
+        if bounded:
+            if not acquire_bounded(lock, LOCK_GIVE_UP):
+                log.error(
+                    "cluster lock still held after %.0f s (a thread was interrupted while "
+                    "holding it?); giving up on cancelling %r",
+                    LOCK_GIVE_UP,
+                    self,
+                )
+                raise ClusterError("the cluster lock is held by a thread that never released it")
+        else:
+            lock.acquire()
+        fresh: list[threading.Thread] = []
+        try:
+            self.state = TERMINATED
+            self.sched.retries_allowed = False
+            done = self.sched.cancel_all("shutdown", self.monotonic(), True)
+            self.abandon_locked(fresh)
+            self._wake_all_locked()
+            self.service.wake_locked()
+        finally:
+            lock.release()
+        for thread in fresh:
+            thread.start()
+        self.deliver_all(done)
+        return len(done)
+
+    def join(self, deadline: float | None) -> int:
+        """Wait for the cluster's threads (not abandoned ones) until ``deadline``;
+        return how many did not exit in time."""
+        with self.lock:
+            service = self.service.thread
+        stuck = join_threads([service] if service is not None else [], deadline)
+        for backend in list(self.backends.values()):
+            stuck += backend.join(deadline)
+        with self.lock:
+            runners = self.runners.threads_locked()
+        return stuck + join_threads(runners, deadline)
+
+    def collected(self) -> None:
+        """The ``Cluster`` was garbage collected: stop gracefully, without waiting.
+
+        The cyclic collector may call this on any thread at any allocation, also
+        one of ours inside a critical section: never block on the lock here.
+        """
+        if not self.lock.acquire(False):
+            threading.Thread(target=self._collected, name="cluster-collected", daemon=True).start()
+            return
+        self.lock.release()
+        self._collected()
+
+    def _collected(self) -> None:
+        with self.lock:
+            if self.state == NEW:
+                if not self.sched.tasks:
+                    self.state = TERMINATED  # never run, nothing to do
+                    return
+                self._start_locked()
+            if self.state != RUNNING:
+                return
+            self.state = STOPPING
+            if not self.unsettled:
+                self.state = TERMINATED
+            self._wake_all_locked()
+            self.service.wake_locked()
+
+    def _wake_all_locked(self) -> None:
+        for backend in self.backends.values():
+            backend.stopping_locked()
+        self.runners.wake_all_locked()
+
+    def _owed_locked(self) -> bool:
+        return any(backend.owed_locked() for backend in self.backends.values())
+
+    def settle_locked(self, count: int) -> None:
+        """``count`` tasks have their Result delivered (or nothing to deliver)."""
+        self.unsettled -= count
+        if not self.unsettled and self.state >= STOPPING:
+            self._settled.notify_all()
+            self._wake_all_locked()  # idle slots may exit now
+
+    def _clock_jumped(self) -> None:
+        """A fake clock moved: every thread that waits for a moment of it looks again."""
+        with self.lock:
+            for backend in self.backends.values():
+                backend.clock_jumped_locked()
+            self.service.wake_locked()
+
+    # ------------------------------------------------------------------ submission
+
+    def _submit(self, task: Task) -> None:
+        lane = task.lane
+        if lane is not None and lane is not self.sched.lanes[0]:
+            backend: Backend = lane.backend  # type: ignore[assignment]
+            if backend.prepares:
+                backend.prepare(task)  # outside the lock: may pickle, may raise
+        lock = self.lock
+        if not lock.acquire(False):
+            acquire_contended(lock)
+        try:
+            if self.state >= STOPPING:
+                raise ClusterStoppedError("the cluster is stopped; submit() is refused")
+            sched = self.sched
+            ready = sched.submit(task, self.monotonic())
+            self.unsettled += 1
+            if self.state == RUNNING:
+                pool = self.pool
+                if task.lane.backend is pool:  # type: ignore[union-attr]
+                    # The thread pool's queued_locked, inlined: once per task.
+                    if ready:
+                        if pool._idle:
+                            slot = pool._idle.pop()
+                            slot.idle = False
+                            slot.wake.put(None)
+                    elif task.start < pool._timer_target:  # type: ignore[operator]
+                        pool._wake_timekeeper_locked()
+                else:
+                    task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
+            dead = sched.graveyard
+            if dead:
+                sched.graveyard = []
+        finally:
+            lock.release()
+        if dead:
+            self.bury(dead)
+
+    # ------------------------------------------------------------------ queries and control
+
+    def subscribe(self, task_id: str) -> SimpleQueue[Result[Any]]:
+        """See ``Cluster.subscribe``."""
+        return self._subscribe_to(None, task_id)
+
+    def _subscribe(self, task: Task) -> SimpleQueue[Result[Any]]:
+        return self._subscribe_to(task, "")
+
+    def _subscribe_to(self, task: Task | None, task_id: str) -> SimpleQueue[Result[Any]]:
+        queue: SimpleQueue[Result[Any]] = SimpleQueue()
+        lock = self.lock
+        if not lock.acquire(False):
+            acquire_contended(lock)
+        try:
+            if task is None:
+                task = self.sched.lookup(task_id, self.monotonic())
+            if task.state not in TERMINAL:
+                sinks = task.sinks
+                if sinks is None:
+                    task.sinks = [queue]
+                else:
+                    sinks.append(queue)
+                return queue
+            dead = self.sched.graveyard
+            if dead:
+                self.sched.graveyard = []
+        finally:
+            lock.release()
+        if dead:
+            self.bury(dead)
+        queue.put(task.result())  # terminal: the Result no longer changes
+        return queue
+
+    def cancel_task(self, task_id: str) -> bool:
+        """See ``Cluster.cancel_task``."""
+        try:
+            # A lock-free read (atomic dict access) is enough to find a live task: only
+            # terminal ones are purged, and _cancel re-checks the state under the lock.
+            task = self.sched.tasks.get(task_id)
+        except TypeError:  # unhashable: lookup() names the error
+            task = None
+        if task is None or task.state in TERMINAL:
+            with self.lock:
+                task = self.sched.lookup(task_id, self.monotonic())  # or TaskNotFoundError
+                dead = self.sched.graveyard
+                if dead:
+                    self.sched.graveyard = []
+            if dead:
+                self.bury(dead)
+        return self._cancel(task)
+
+    def _cancel(self, task: Task) -> bool:
+        """Cancel ``task`` in one critical section; deliver its Result if anyone listens."""
+        lock = self.lock
+        if not lock.acquire(False):
+            acquire_contended(lock)
+        try:
+            sched = self.sched
+            if not sched.cancel(task, "cancelled", self.monotonic()):
+                return False
+            if sched.abandoned:
+                self.abandon_locked(None)
+            quiet = task.sinks is None and not has_callbacks(task)
+            if quiet:
+                self.unsettled -= 1  # nothing to deliver: settled already
+                if not self.unsettled:
+                    self.settle_locked(0)
+            dead = sched.graveyard
+            if dead:
+                sched.graveyard = []
+        finally:
+            lock.release()
+        if dead:
+            self.bury(dead)
+        if quiet:
+            task.release()
+        else:
+            self.deliver_all([task])
+        return True
+
+    def info(self, task_id: str) -> TaskInfo:
+        """See ``Cluster.info``."""
+        with self.lock:
+            task = self.sched.lookup(task_id, self.monotonic())
+            to_date = self.clock.to_date
+            info = TaskInfo(
+                id=task_id,
+                state=task.state,
+                priority=task.priority,
+                attempts=task.attempts,
+                submitted_at=to_date(task.submitted_at),
+                started_at=None if task.started_at is None else to_date(task.started_at),
+                finished_at=None if task.finished_at is None else to_date(task.finished_at),
+                error=task.error,
+                progress=task.progress,
+                start_at=to_date(task.start),  # type: ignore[arg-type]
+                retries=task.opts.retries,
+                value=task.value,
+            )
+            dead = self.sched.graveyard
+            if dead:
+                self.sched.graveyard = []
+        if dead:
+            self.bury(dead)
+        return info
+
+    def stats(self) -> ClusterStats:
+        """See ``Cluster.stats``."""
+        with self.lock:
+            s = self.sched
+            executors = {
+                name: ExecutorStats(
+                    capacity=backend.capacity,
+                    running=backend.lane.running,  # type: ignore[union-attr]
+                    queued=backend.lane.queued,  # type: ignore[union-attr]
+                )
+                for name, backend in self.backends.items()
+            }
+            return ClusterStats(
+                submitted=s.submitted,
+                succeeded=s.succeeded,
+                failed=s.failed,
+                cancelled=s.cancelled,
+                timed_out=s.timed_out,
+                retried=s.retried,
+                queued=s.queued,
+                delayed=s.delayed,
+                running=s.running,
+                workers=self.pool.alive_locked(),
+                abandoned=self.abandoned_threads,
+                executors=executors,
+            )
+
+    def __repr__(self) -> str:
+        state = ("new", "running", "stopping", "stopped")[self.state]
+        return f"<cluster runtime {state} live={self.sched.live}>"
+
+    # ------------------------------------------------------------------ handle support
+
+    def _wait(self, task: Task, timeout: float | None) -> Result[Any] | None:
+        if task.state not in TERMINAL:
+            with self.lock:
+                if task.state in TERMINAL:
+                    return task.result()
+                # One shared event per task, so that polling wait(0.01) adds nothing.
+                for sink in task.sinks or ():
+                    if isinstance(sink, Signal):
+                        break
+                else:
+                    sink = Signal()
+                    self._add_sink_locked(task, sink)
+            if not wait_event(sink.event, timeout):
+                return None
+        return task.result()
+
+    def _future(self, task: Task) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def settle(result: Result[Any]) -> None:
+            try:
+                if result.error is None:
+                    future.set_result(result.value)
+                else:
+                    future.set_exception(result.error)
+            except InvalidStateError:  # the caller cancelled the future itself
+                pass
+
+        with self.lock:
+            terminal = task.state in TERMINAL
+            if not terminal:
+                self._add_sink_locked(task, settle)
+        if terminal:
+            settle(task.result())
+        future.add_done_callback(lambda f: self._cancel(task) if f.cancelled() else None)
+        return future
+
+    @staticmethod
+    def _add_sink_locked(task: Task, sink: Sink) -> None:
+        if task.sinks is None:
+            task.sinks = [sink]
+        else:
+            task.sinks.append(sink)
+
+    # ------------------------------------------------------------------ abandonment, timeouts
+
+    def abandon_locked(self, fresh: list[threading.Thread] | None) -> None:
+        """Hand each slot stuck in a detached attempt (``Scheduler.abandoned``) to its
+        backend, which replaces or kills it."""
+        abandoned = self.sched.abandoned
+        for slot in abandoned:
+            backend = getattr(slot, "backend", None)
+            if backend is not None:
+                backend.abandon_locked(slot, fresh)
+        abandoned.clear()
+
+    def arm_service_locked(self, when: float) -> None:
+        """Something is due at ``when`` (an attempt's deadline, a runner check)."""
+        self.service.arm_locked(when)
+
+    def arm_expiry_locked(self) -> None:
+        """The first cached result now waits for its purge: the service thread keeps time."""
+        self.sched.expiry_armed = False
+        when = self.sched.next_expiry()
+        if when is not None:
+            self.service.arm_locked(when)
+
+    def settle_timeout(self, ctx: TaskContext) -> None:
+        """A runner job: decide the retry of an attempt that timed out, then settle it."""
+        task = ctx._task
+        if task is None:
+            return
+        error = TaskTimeoutError(
+            f"task {task.id!r} attempt {ctx.attempt} timed out after {task.opts.timeout}s"
+        )
+        delay = None
+        if task.attempts <= task.opts.retries:
+            delay = retry_delay(task, error, self.sched.rng)  # user code: no lock held
+        with self.lock:
+            code = self.sched.fail_detached(ctx, error, delay, self.monotonic())
+            if code == REQUEUED and self.state == RUNNING:
+                task.lane.backend.queued_locked(task, False)  # type: ignore[union-attr]
+            elif code == DONE and self.sched.expiry_armed:
+                self.arm_expiry_locked()
+        if code == DONE:
+            deliver_sinks(task)
+            with self.lock:
+                self.settle_locked(1)
+            run_callbacks(task)
+            task.release()
+
+    # ------------------------------------------------------------------ delivery
+
+    def deliver(self, task: Task, slot: Slot) -> None:
+        """A slot delivers the task it ended: sinks, then its callbacks inline."""
+        if task.sinks is not None:
+            deliver_sinks(task)
+            # Clear owed before reading the state: see stop(). Only the last owed
+            # slot of a stop needs to wake it: while tasks are unsettled, the last
+            # settle does (stop() never sees unsettled grow again).
+            slot.owed = False
+            if self.state >= STOPPING and not self.unsettled:
+                with self.lock:
+                    self._settled.notify_all()
+        if has_callbacks(task):
+            run_callbacks(task)
+
+    def deliver_all(self, tasks: list[Task]) -> None:
+        """Deliver tasks ended by a thread that must not run callbacks (the caller of
+        cancel, a shutdown): sinks here, callbacks on a runner; then settle them."""
+        if not tasks:
+            return
+        for task in tasks:
+            deliver_sinks(task)
+        with self.lock:
+            for task in tasks:
+                if has_callbacks(task):
+                    self.runners.submit_locked(_callbacks_then_release, task, None)
+            self.settle_locked(len(tasks))
+        for task in tasks:
+            if not has_callbacks(task):
+                task.release()
+
+    def bury(self, dead: list[object]) -> None:
+        """Free what the scheduler dropped under the lock (the lock is not held here)."""
+        for item in dead:
+            if type(item) is Task and item.state in TERMINAL:
+                item.release()
+        dead.clear()
+
+    # ------------------------------------------------------------------ process events
+
+    def at_exit(self) -> None:
+        """Interpreter exit: cancel what is left; give the cancellation callbacks a moment."""
+        import time
+
+        if not acquire_bounded(self.lock, 1.0):
+            log.error("cluster lock held at exit; %r left as it is", self)
+            return
+        try:
+            terminated = self.state == TERMINATED
+        finally:
+            self.lock.release()
+        if not terminated:
+            try:
+                self.terminate(bounded=True)
+            except ClusterError:
+                return
+        deadline = time.monotonic() + 5.0  # the callbacks of the cancellation, within reason
+        with self.lock:
+            runners = self.runners.threads_locked()
+        join_threads(runners, deadline)
+
+    def reset_in_child(self) -> None:
+        """After fork: the child has none of our threads; leave a stopped, unlocked cluster
+        whose inherited unfinished tasks read as cancelled (they can never finish here)."""
+        self.lock = threading.Lock()
+        self._settled = threading.Condition(self.lock)
+        self.state = TERMINATED
+        self.unsettled = 0  # the parent delivers these; the child never will
+        self.runners.reset_in_child(self.lock)
+        self.service.reset_in_child(self.lock)
+        for backend in self.backends.values():
+            backend.reset_in_child()
+        now = self.monotonic()
+        sched = self.sched
+        for task in list(sched.tasks.values()):
+            if task.state not in TERMINAL:
+                ctx = task.ctx
+                if ctx is not None:
+                    ctx._task = None
+                    task.ctx = None
+                # Only the state, the Result and the counters: no sink or callback is
+                # served in the child (they belong to the parent, and locks inherited
+                # from the parent's other threads may be held forever here).
+                sched._finalize(task, _task.TaskState.CANCELLED, None, "fork", now)
+        for lane in sched.lanes:
+            lane.queued = lane.delayed = lane.running = 0
+        sched.abandoned.clear()
+        sched.graveyard = []
+
+
+def _callbacks_then_release(task: Task) -> None:
+    run_callbacks(task)
+    task.release()
+
+
+def _shutdown_all() -> None:
+    """At interpreter exit: cancel what every unstopped cluster still holds."""
+    for rt in list(_LIVE):
+        try:
+            rt.at_exit()
+        except Exception:  # never let one cluster keep the others from shutting down
+            log.exception("shutting down %r at exit failed", rt)
+
+
+def _after_fork_in_child() -> None:
+    _task.reset_after_fork()
+    for rt in list(_LIVE):
+        rt.reset_in_child()
+
+
+# threading's exit hook runs before atexit hooks and before daemon threads are
+# frozen, so a submit() from any atexit hook already sees a stopped cluster.
+try:
+    threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # pragma: no cover - other interpreters
+    import atexit
+
+    atexit.register(_shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
