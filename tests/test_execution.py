@@ -20,8 +20,8 @@ from cluster import (
     FixedBackoff,
     LinearBackoff,
     RetryMode,
-    TaskCancelledError,
     StopTimeoutError,
+    TaskCancelledError,
     TaskTimeoutError,
     current,
 )
@@ -508,7 +508,9 @@ def test_cancel_during_requeue_backoff_prevents_retry(make_cluster: MakeCluster)
 
 
 @pytest.mark.parametrize("mode", [RetryMode.REQUEUE, RetryMode.IMMEDIATE])
-def test_stop_honours_the_backoff_of_either_mode(make_cluster: MakeCluster, mode: RetryMode) -> None:
+def test_stop_honours_the_backoff_of_either_mode(
+    make_cluster: MakeCluster, mode: RetryMode
+) -> None:
     """A graceful stop() waits out a retry's backoff in both modes (a server's
     Retry-After is respected even while stopping), then the retry runs."""
     c = make_cluster(1)

@@ -17,9 +17,9 @@ from _core_helpers import make_task
 from _helpers import WAIT, MakeCluster
 
 from cluster import TaskCancelledError
+from cluster._core import Scheduler
 from cluster._sync import SPINS as _SPINS
 from cluster._sync import acquire_contended as _acquire_contended
-from cluster._core import Scheduler
 from cluster._task import Task
 
 pytestmark = pytest.mark.timeout(60)
