@@ -212,7 +212,7 @@ class AsyncBackend(Backend):
         with rt.lock:
             self._kicked = False
             now = rt.monotonic()
-            while lane.running < self._limit:  # type: ignore[union-attr]
+            while lane.running < self._limit:
                 task = sched.pop(now, lane)
                 if task is None:
                     break
@@ -296,7 +296,7 @@ class AsyncBackend(Backend):
                     sleeping._hook = slot.abort  # type: ignore[union-attr]
                     slot.aborted = False
                     self._sleepers.add(slot)
-                if self.lane.queued and not self._kicked:  # type: ignore[union-attr]
+                if self.lane.queued and not self._kicked:
                     self._kicked = True  # a slot is free and tasks wait: on this loop
                     asyncio.get_running_loop().call_soon(self._dispatch)
                 dead = sched.graveyard

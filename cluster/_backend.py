@@ -37,24 +37,18 @@ class Backend:
     #: True if ``prepare`` must see every task of this lane at submit.
     prepares: ClassVar[bool] = False
 
-    def __init__(self) -> None:
-        self._rt: Runtime | None = None
-        self.lane: Lane | None = None
-        self.name = ""
+    #: The runtime this backend serves and its lane (set once by ``bind``).
+    rt: Runtime
+    lane: Lane
 
-    @property
-    def rt(self) -> Runtime:
-        """The runtime this backend serves (set once by ``bind``)."""
-        rt = self._rt
-        if rt is None:
-            raise RuntimeError(f"{self!r} is not part of a cluster")
-        return rt
+    def __init__(self) -> None:
+        self.name = ""
 
     def bind(self, rt: Runtime, lane: Lane) -> None:
         """Attach to one cluster's lane; an executor serves one cluster, once."""
-        if self._rt is not None:
+        if getattr(self, "rt", None) is not None:
             raise ValueError(f"{self!r} already serves another cluster")
-        self._rt = rt
+        self.rt = rt
         self.lane = lane
         self.name = lane.name
         lane.backend = self

@@ -23,11 +23,12 @@ most about twice its live size: the ready queue trims them off the ends of its
 FIFOs, where cancelling in submission order leaves them, and rebuilds only if
 some remain inside.
 
-No user object is freed here. Whatever a method drops that may hold the last
-reference to user objects (a terminal task with its function, arguments and value;
-a dead queue entry; a purged cached result) goes to ``graveyard``, which the caller
-empties *after* releasing its lock: a ``__del__`` or ``weakref.finalize`` that calls
-the cluster then runs where it cannot deadlock it.
+No user object is freed here. A task that becomes terminal keeps its function and
+arguments until the thread that ended it calls ``Task.release`` outside the lock;
+whatever else a method drops that may hold the last reference to user objects (a
+dead queue entry, a purged cached result) goes to ``graveyard``, which the caller
+empties *after* releasing its lock. A ``__del__`` or ``weakref.finalize`` that
+calls the cluster then runs where it cannot deadlock it.
 """
 
 from __future__ import annotations
@@ -482,13 +483,13 @@ class Scheduler:
         timers = lane.timers
         dead = lane.timer_dead
         if dead == len(timers):
-            self.graveyard.append(timers[:])
-            timers.clear()
+            self.graveyard.append(timers)  # a new list replaces it: no copy
+            lane.timers = []
             lane.timer_dead = 0
         elif dead > _COMPACT_MIN and 2 * dead > len(timers):
-            self.graveyard.append(timers[:])
-            timers[:] = [t for t in timers if _waiting(t)]
-            heapify(timers)
+            self.graveyard.append(timers)
+            live = lane.timers = [t for t in timers if _waiting(t)]
+            heapify(live)
             lane.timer_dead = 0
 
     # -- terminal transition ----------------------------------------------------
@@ -504,14 +505,14 @@ class Scheduler:
         """The one terminal transition of a task (the caller checked it was live).
 
         ``error`` is the exception, or for CANCELLED the reason (see ``Task.error``).
-        The task goes to the graveyard: its function and arguments are dropped there,
-        outside the lock (``Task.release``).
+        The task keeps its function and arguments: the thread that ended it (the
+        caller of ``finish``, ``fail_detached``, ``cancel`` or ``cancel_all``) drops
+        them with ``Task.release`` once it has released the lock.
         """
         task.state = state
         task.value = value
         task._error = error
         task.finished_at = now
-        self.graveyard.append(task)
         if state is SUCCEEDED:
             self.succeeded += 1
         elif state is FAILED:

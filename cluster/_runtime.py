@@ -139,7 +139,7 @@ class Runtime:
                 raise TypeError(f"name must be a str, got {type(name).__name__}")
             known = ", ".join(repr(n) for n in sorted({*self.backends, ASYNC}))
             raise ValueError(f"no executor named {name!r}; this cluster has {known}")
-        return backend.lane  # type: ignore[return-value]
+        return backend.lane
 
     def _async_lane(self) -> Lane:
         backend = self.backends.get(ASYNC)
@@ -154,7 +154,7 @@ class Runtime:
                     self.backends = {**self.backends, ASYNC: backend}
                     if self.state == RUNNING:
                         backend.start_locked()
-        return backend.lane  # type: ignore[return-value]
+        return backend.lane
 
     def watch_locked(self, backend: Backend) -> None:
         """``backend`` wants ``watch_locked(now)`` calls from the service thread."""
@@ -359,11 +359,13 @@ class Runtime:
     # ------------------------------------------------------------------ submission
 
     def _submit(self, task: Task) -> None:
-        lane = task.lane
-        if lane is not None and lane is not self.sched.lanes[0]:
+        lane = task.lane  # None: the thread pool (the common case)
+        if lane is not None:
             backend: Backend = lane.backend  # type: ignore[assignment]
             if backend.prepares:
                 backend.prepare(task)  # outside the lock: may pickle, may raise
+            if backend is self.pool:
+                lane = None
         lock = self.lock
         if not lock.acquire(False):
             acquire_contended(lock)
@@ -374,9 +376,9 @@ class Runtime:
             ready = sched.submit(task, self.monotonic())
             self.unsettled += 1
             if self.state == RUNNING:
-                pool = self.pool
-                if task.lane.backend is pool:  # type: ignore[union-attr]
+                if lane is None:
                     # The thread pool's queued_locked, inlined: once per task.
+                    pool = self.pool
                     if ready:
                         if pool._idle:
                             slot = pool._idle.pop()
@@ -385,13 +387,13 @@ class Runtime:
                     elif task.start < pool._timer_target:  # type: ignore[operator]
                         pool._wake_timekeeper_locked()
                 else:
-                    task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
-            dead = sched.graveyard
-            if dead:
+                    lane.backend.queued_locked(task, ready)  # type: ignore[attr-defined]
+            dead = sched.graveyard or None  # (a purge of expired results)
+            if dead is not None:
                 sched.graveyard = []
         finally:
             lock.release()
-        if dead:
+        if dead is not None:
             self.bury(dead)
 
     # ------------------------------------------------------------------ queries and control
@@ -457,7 +459,8 @@ class Runtime:
                 return False
             if sched.abandoned:
                 self.abandon_locked(None)
-            quiet = task.sinks is None and not has_callbacks(task)
+            opts = task.opts
+            quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
             if quiet:
                 self.unsettled -= 1  # nothing to deliver: settled already
                 if not self.unsettled:
@@ -508,8 +511,8 @@ class Runtime:
             executors = {
                 name: ExecutorStats(
                     capacity=backend.capacity,
-                    running=backend.lane.running,  # type: ignore[union-attr]
-                    queued=backend.lane.queued,  # type: ignore[union-attr]
+                    running=backend.lane.running,
+                    queued=backend.lane.queued,
                 )
                 for name, backend in self.backends.items()
             }

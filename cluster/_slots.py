@@ -27,10 +27,10 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from ._backend import Backend, join_threads
-from ._core import DONE, REQUEUED, SLEEP, retry_delay
+from ._core import DONE, REQUEUED, SLEEP, Lane, Scheduler, retry_delay
 from ._delivery import has_callbacks
 from ._sync import MAX_WAIT, acquire_contended, wait_event
-from ._task import _CURRENT, DEFAULT_OPTIONS, Task, TaskContext
+from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Task, TaskContext
 from ._validate import integer
 
 __all__ = ["Slot", "SlotPool", "ThreadPool"]
@@ -182,19 +182,16 @@ class SlotPool(Backend):
             slot.idle = False
             slot.wake.put(None)
 
-    def _take_locked(self, slot: Slot, now: float) -> Task | None:
+    def _take_locked(self, slot: Slot, sched: Scheduler, lane: Lane, now: float) -> Task | None:
         """Pop the next due task for ``slot`` and keep the other slots informed."""
-        rt = self.rt
-        sched = rt.sched
-        lane = self.lane
         task = sched.pop(now, lane)
         if task is None:
             return None
         ctx: TaskContext = task.ctx  # type: ignore[assignment]
         ctx._worker = slot
         if ctx.deadline is not None:
-            rt.arm_service_locked(ctx.deadline)
-        if self._idle and (lane.queued or (lane.delayed and self._timekeeper is None)):  # type: ignore[union-attr]
+            self.rt.arm_service_locked(ctx.deadline)
+        if self._idle and (lane.queued or (lane.delayed and self._timekeeper is None)):
             # More due work, or start times with nobody keeping time: wake a helper.
             helper = self._idle.pop()
             helper.idle = False
@@ -297,7 +294,7 @@ class SlotPool(Backend):
                 elif sleeping is not None:
                     action = _BACKOFF
                 elif nxt is None:
-                    nxt = self._take_locked(me, now)
+                    nxt = self._take_locked(me, sched, lane, now)
                     if nxt is None:
                         if deliver:
                             action = _AGAIN  # deliver, then decide whether to sleep
@@ -325,7 +322,10 @@ class SlotPool(Backend):
             if finished is not None:
                 if deliver:
                     rt.deliver(finished, me)
-                finished.release()
+                # Task.release, inlined: this runs once per task.
+                finished.fn = None
+                finished.args = ()
+                finished.kwargs = _NO_KWARGS
                 finished = None
             if action == _RUN:
                 task = nxt

@@ -136,7 +136,6 @@ class Options:
         "jitter",
         "on_complete",
         "on_failure",
-        "payload",
         "retries",
         "retry_if",
         "retry_mode",
@@ -154,8 +153,6 @@ class Options:
         self.ttl: float | None = None  #: None: purge once delivered
         self.on_complete: CompleteCallback | None = None
         self.on_failure: FailureCallback | None = None
-        #: What an executor prepared at submit (the process executor: the pickled call).
-        self.payload: Any = None
 
     def copy(self) -> Options:
         """A private copy for a builder to change."""
@@ -169,7 +166,6 @@ class Options:
         new.ttl = self.ttl
         new.on_complete = self.on_complete
         new.on_failure = self.on_failure
-        new.payload = self.payload
         return new
 
 
@@ -258,9 +254,6 @@ class Task:
         self.fn = None
         self.args = ()
         self.kwargs = _NO_KWARGS
-        opts = self.opts
-        if opts.payload is not None:
-            opts.payload = None
 
     def __lt__(self, other: Task) -> bool:
         # The timer heap's order: (start, seq). Only tasks waiting there compare.
