@@ -506,6 +506,30 @@ def test_kill_returns_early_when_the_child_obeys_sigterm(child: Child, bell: Bel
     assert not child.alive
 
 
+def test_kill_right_after_start_ends_the_child(ctx: multiprocessing.context.BaseContext) -> None:
+    c = Child(ctx, name="short-lived")
+    c.start()
+    assert c.pid is not None
+    with watching(c.pid) as exited:
+        c.kill(grace=0)  # quite possibly before the child has called setsid()
+        assert exited(WAIT)
+    assert not c.alive
+
+
+def test_an_on_event_error_propagates_and_the_attempt_goes_on(child: Child, bell: Bell) -> None:
+    def fail(kind: str, value: Any) -> None:
+        raise LookupError(f"{kind} {value}")
+
+    child.begin(dump_call(tasks.events, (), {}), ATTEMPT)
+    with pytest.raises(LookupError, match="progress 1"):
+        child.wait(bell.reader, fail)
+    rest: list[Event] = []
+    assert child.wait(bell.reader, lambda kind, value: rest.append((kind, value))) == Outcome(
+        value="done"
+    )
+    assert rest == [("reset_backoff", None), ("progress", {"step": 2}), ("progress", 3)]
+
+
 def test_kill_is_idempotent_and_fine_after_a_crash(child: Child, bell: Bell) -> None:
     crash_of(run(child, bell, tasks.exit_now, 1)[0])
     child.kill()
@@ -651,15 +675,58 @@ def test_close_and_kill_leak_no_fds_or_zombies(
             os.kill(pid, 0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.timeout(60)
-def test_a_child_dies_with_its_parent_even_mid_attempt(method: str) -> None:
+def run_parent(body: str) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """Run ``body`` as a parent process in its own interpreter; return it and the
+    pids it printed on its first line."""
     script = textwrap.dedent(
-        f"""
-        import multiprocessing, os, signal
+        """
+        import multiprocessing, os, signal, sys
         import _child_tasks
         from cluster._child import Attempt, Child, dump_call, mp_context
+        """
+    ) + textwrap.dedent(body)
+    tests_dir = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests_dir.parent), str(tests_dir)]))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    assert parent.stdout is not None
+    with contextlib.closing(parent.stdout):
+        line = parent.stdout.readline()
+    return parent, [int(pid) for pid in line.split()]
 
+
+def kill_leftovers(parent: subprocess.Popen[bytes], pids: list[int]) -> None:
+    """After a failed assertion: leave no process of the test behind."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fd = os.pidfd_open(pid)
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+    parent.kill()
+    parent.wait()
+
+
+def assert_all_exit(pids: list[int]) -> None:
+    """Every pid exits (or has already), within WAIT seconds."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            fds.append(os.pidfd_open(pid))
+    try:
+        end = time.monotonic() + WAIT
+        for fd in fds:
+            assert wait_exit(fd, max(0.0, end - time.monotonic()))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert all(pid_gone(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_dies_with_its_parent_even_mid_attempt(method: str) -> None:
+    parent, pids = run_parent(
+        f"""
         child = Child(mp_context({method!r}), name="orphan")
         child.start()
         child.begin(dump_call(_child_tasks.stubborn, (), {{}}), Attempt("t", 0, None))
@@ -672,26 +739,40 @@ def test_a_child_dies_with_its_parent_even_mid_attempt(method: str) -> None:
         child.wait(wake, report)
         """
     )
-    tests_dir = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests_dir.parent), str(tests_dir)]))
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
-    assert parent.stdout is not None
-    with contextlib.closing(parent.stdout):
-        line = parent.stdout.readline()
-    parent.wait(WAIT)
-    assert parent.returncode == -signal.SIGKILL
-    child_pid, grandchild_pid = map(int, line.split())
-    pidfds = []
-    for pid in (child_pid, grandchild_pid):
-        with contextlib.suppress(ProcessLookupError):  # already gone
-            pidfds.append(os.pidfd_open(pid))
     try:
-        for fd in pidfds:
-            assert wait_exit(fd, WAIT)
+        assert parent.wait(WAIT) == -signal.SIGKILL
+        assert len(pids) == 2
+        assert_all_exit(pids)
     finally:
-        for fd in pidfds:
-            os.close(fd)
-    assert pid_gone(child_pid) and pid_gone(grandchild_pid)
+        kill_leftovers(parent, pids)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_interpreter_exit_kills_children_left_open(method: str) -> None:
+    parent, pids = run_parent(
+        f"""
+        ctx = mp_context({method!r})
+        idle = Child(ctx, name="idle")
+        idle.start()
+        busy = Child(ctx, name="busy")
+        busy.start()
+        busy.begin(dump_call(_child_tasks.stubborn, (), {{}}), Attempt("t", 0, None))
+        wake, _ = multiprocessing.Pipe(duplex=False)
+
+        def report(kind, pids):
+            print(idle.pid, *pids, flush=True)
+            sys.exit(0)  # a normal exit with both children still open
+
+        busy.wait(wake, report)
+        """
+    )
+    # Without the exit hook, multiprocessing would join the (non-daemonic) children forever.
+    try:
+        assert parent.wait(WAIT) == 0
+        assert len(pids) == 3
+        assert_all_exit(pids)
+    finally:
+        kill_leftovers(parent, pids)
 
 
 def test_a_kill_from_another_thread_ends_a_wait_in_progress(child: Child, bell: Bell) -> None:
