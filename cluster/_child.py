@@ -43,7 +43,6 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -475,8 +474,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _await_parent_exit(fd: int) -> None:
-    with contextlib.suppress(OSError):
+    try:
         select.select([fd], [], [])
+    except OSError:
+        return  # cannot watch after all; EOF on the pipe still ends an idle child
     with contextlib.suppress(OSError):
         os.killpg(os.getpid(), signal.SIGKILL)  # the child leads its group (setsid)
     os._exit(1)
@@ -486,10 +487,11 @@ def _await_parent_exit(fd: int) -> None:
 
 _NEW, _IDLE, _RUNNING, _DEAD = "new", "idle", "running", "dead"
 
-#: Started, not yet dead children, killed at interpreter exit (their processes are
-#: not daemonic, so tasks may start processes; multiprocessing would otherwise join
-#: them forever at exit).
-_LIVE: weakref.WeakSet[Child] = weakref.WeakSet()
+#: Started, not yet dead children, killed at interpreter exit: their processes are
+#: not daemonic (so that tasks may start processes), and multiprocessing would
+#: otherwise join them at exit, forever if one is busy. A strong set: a Child
+#: dropped unclosed stays reachable until its process is dead.
+_LIVE: set[Child] = set()
 
 
 class Child:
@@ -589,10 +591,9 @@ class Child:
             conn = self._conn
         assert conn is not None
         inline = payload if len(payload) <= _INLINE else None
+        header = (attempt.task_id, attempt.attempt, attempt.deadline, inline)
         try:
-            conn.send_bytes(
-                _RUN + pickle.dumps((attempt.task_id, attempt.attempt, attempt.deadline, inline))
-            )
+            conn.send_bytes(_RUN + pickle.dumps(header, _PROTOCOL))
             if inline is None:
                 conn.send_bytes(payload)
         except (OSError, ValueError):
@@ -714,11 +715,18 @@ class Child:
             code = self._exitcode
         attempt = self._attempt
         what = f"task {attempt.task_id!r} (attempt {attempt.attempt})" if attempt else "a task"
-        if code is not None and code < 0:
-            name = WorkerCrashedError("", signal=-code).signal_name
-            how, exitcode, signum = f"was killed by {name}", None, -code
+        exitcode: int | None = code
+        signum: int | None = None
+        if code is None:  # still unreaped after _REAP_TIMEOUT (stuck in the kernel)
+            how = "died (exit status unknown)"
+        elif code < 0:
+            exitcode, signum = None, -code
+            try:
+                how = f"was killed by {signal.Signals(signum).name}"
+            except ValueError:
+                how = f"was killed by signal {signum}"
         else:
-            how, exitcode, signum = f"exited with code {code}", code, None
+            how = f"exited with code {code}"
         message = f"child process {self.pid} ({self.name}) {how} while running {what}"
         return Outcome(error=WorkerCrashedError(message, exitcode=exitcode, signal=signum))
 
@@ -770,7 +778,10 @@ class Child:
 
         The group reaches grandchildren; the child itself is signalled too in case it
         has not yet called ``setsid()`` (a kill right after start). Races with exits
-        (ESRCH) and foreign processes (EPERM) are ignored.
+        (ESRCH) and foreign processes (EPERM) are ignored. The group id is the child's
+        pid, which the kernel keeps while the child is unreaped or any member lives;
+        only a forkserver child that already exited with no member left could see its
+        number reused, and Linux hands out pids cyclically, so not within moments.
         """
         pid = self.pid
         if pid is None:
