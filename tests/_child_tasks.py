@@ -192,3 +192,19 @@ def block_on_fifo(path: str) -> str:
     current().progress("started")
     with open(path) as fifo:
         return fifo.readline().strip()
+
+
+def progress_from_threads(threads: int, each: int, size: int) -> int:
+    """Send ``each`` progress values of ``size`` bytes from each of ``threads`` threads."""
+    ctx = current()
+
+    def send(n: int) -> None:
+        for i in range(each):
+            ctx.progress((n, i, bytes([n]) * size))
+
+    workers = [threading.Thread(target=send, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return threads * each

@@ -255,6 +255,17 @@ def test_progress_and_reset_backoff_events_arrive_in_order(child: Child, bell: B
     ]
 
 
+def test_progress_from_many_task_threads_arrives_whole(child: Child, bell: Bell) -> None:
+    size = 200_000  # several writes per frame: unguarded sends would interleave
+    outcome, events = run(child, bell, tasks.progress_from_threads, 4, 25, size)
+    assert outcome.value == 100
+    assert len(events) == 100
+    for n in range(4):
+        mine = [value for kind, value in events if kind == "progress" and value[0] == n]
+        assert [i for _, i, _ in mine] == list(range(25))  # each thread's own order
+        assert all(data == bytes([n]) * size for _, _, data in mine)
+
+
 def test_an_unpicklable_progress_value_raises_type_error_in_the_child(
     child: Child, bell: Bell
 ) -> None:
