@@ -392,7 +392,10 @@ class ChildTaskContext(TaskContext):
 def _child_main(conn: multiprocessing.connection.Connection, parent_pid: int) -> None:
     """The child process: run attempts from ``conn`` until told to stop or EOF."""
     os.setsid()  # its own process group: kill() signals grandchildren too
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C is the parent's to handle (and after setsid the terminal no longer sends
+    # it here). A no-op handler rather than SIG_IGN: an ignored disposition would be
+    # inherited through exec by every process a task starts.
+    signal.signal(signal.SIGINT, _ignore_signal)
     _watch_parent(parent_pid)
     send_lock = threading.Lock()
     while True:
@@ -414,6 +417,10 @@ def _child_main(conn: multiprocessing.connection.Connection, parent_pid: int) ->
         except OSError:
             return
         del frame, ctx
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The child's SIGINT handler: nothing (see ``_child_main``)."""
 
 
 def _run(payload: bytes, ctx: ChildTaskContext) -> bytes | memoryview:

@@ -208,3 +208,11 @@ def progress_from_threads(threads: int, each: int, size: int) -> int:
     for w in workers:
         w.join()
     return threads * each
+
+
+def sigint_self_then_grandchild_sigign() -> int:
+    """SIGINT this child mid-attempt, then return the ignored-signal mask of a grandchild."""
+    os.kill(os.getpid(), signal.SIGINT)
+    status = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True)
+    (line,) = [x for x in status.stdout.splitlines() if x.startswith("SigIgn:")]
+    return int(line.split()[1], 16)

@@ -351,6 +351,15 @@ def test_a_frozen_dataclass_exception_arrives(child: Child, bell: Bell, by_keywo
     assert_still_works(child, bell)
 
 
+def test_sigint_does_not_disturb_an_attempt_nor_stay_ignored_in_grandchildren(
+    child: Child, bell: Bell
+) -> None:
+    mask = run(child, bell, tasks.sigint_self_then_grandchild_sigign)[0].value
+    assert isinstance(mask, int)
+    assert not mask & (1 << (signal.SIGINT - 1))
+    assert_still_works(child, bell)
+
+
 def test_system_exit_fails_the_attempt_and_the_child_survives(child: Child, bell: Bell) -> None:
     error = run(child, bell, tasks.raise_system_exit)[0].error
     assert type(error) is SystemExit and error.code == 4
