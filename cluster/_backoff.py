@@ -25,26 +25,47 @@ class RetryMode(enum.Enum):
     IMMEDIATE = "immediate"
 
 
+class _Strategy:
+    """Immutable after ``__init__`` (which sets fields with ``object.__setattr__``):
+    the strategies precompute where their cap starts, so a field changed later
+    would leave that stale."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot delete {name!r})")
+
+
+_set = object.__setattr__
+
+
 def _cap(name: str, value: Duration | None) -> float | None:
     return None if value is None else seconds(value, name)
 
 
-class FixedBackoff:
+class FixedBackoff(_Strategy):
     """The same ``delay`` before every retry."""
 
     __slots__ = ("delay",)
+    delay: float
 
     def __init__(self, delay: Duration) -> None:
-        self.delay = seconds(delay, "delay")
+        _set(self, "delay", seconds(delay, "delay"))
 
     def __call__(self, attempt: int) -> float:
         return self.delay
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (FixedBackoff, (self.delay,))
 
     def __repr__(self) -> str:
         return f"FixedBackoff({self.delay!r})"
 
 
-class LinearBackoff:
+class LinearBackoff(_Strategy):
     """``base + step * attempt``, capped at ``max``.
 
     Never raises for a large ``attempt``: past the cap it is the cap, and without a
@@ -52,20 +73,27 @@ class LinearBackoff:
     """
 
     __slots__ = ("_capped_from", "_limit", "base", "max", "step")
+    base: float
+    step: float
+    max: float | None
+    _capped_from: int
+    _limit: float
 
     def __init__(self, base: Duration, step: Duration, max: Duration | None = None) -> None:
-        self.base = seconds(base, "base")
-        self.step = seconds(step, "step")
-        self.max = _cap("max", max)
+        _set(self, "base", seconds(base, "base"))
+        _set(self, "step", seconds(step, "step"))
+        _set(self, "max", _cap("max", max))
         # From attempt ``_capped_from`` on the answer is ``_limit`` (no arithmetic).
         if self.step == 0:
-            self._capped_from, self._limit = 0, _capped(self.base, self.max)
+            _set(self, "_capped_from", 0)
+            _set(self, "_limit", _capped(self.base, self.max))
         elif self.max is not None:
             # base + step * n >= max for every n >= this (one step of slack)
-            self._capped_from = _steps_to((self.max - self.base) / self.step) + 1
-            self._limit = self.max
+            _set(self, "_capped_from", _steps_to((self.max - self.base) / self.step) + 1)
+            _set(self, "_limit", self.max)
         else:
-            self._capped_from, self._limit = _NEVER, math.inf
+            _set(self, "_capped_from", _NEVER)
+            _set(self, "_limit", math.inf)
 
     def __call__(self, attempt: int) -> float:
         if attempt >= self._capped_from:
@@ -76,11 +104,14 @@ class LinearBackoff:
             return math.inf
         return delay if self.max is None else min(delay, self.max)
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickle and copy through __init__
+        return (LinearBackoff, (self.base, self.step, self.max))
+
     def __repr__(self) -> str:
         return f"LinearBackoff({self.base!r}, {self.step!r}, max={self.max!r})"
 
 
-class ExponentialBackoff:
+class ExponentialBackoff(_Strategy):
     """``base * multiplier ** attempt``, capped at ``max``; ``multiplier >= 1``.
 
     Never raises for a large ``attempt`` (tenacity#710, stamina#104 overflow there):
@@ -90,26 +121,33 @@ class ExponentialBackoff:
     """
 
     __slots__ = ("_capped_from", "_limit", "base", "max", "multiplier")
+    base: float
+    multiplier: float
+    max: float | None
+    #: From this attempt on, the answer is ``_limit`` (no arithmetic).
+    _capped_from: int
+    _limit: float
 
     def __init__(
         self, base: Duration, multiplier: float = 2.0, max: Duration | None = None
     ) -> None:
-        self.base = seconds(base, "base")
+        _set(self, "base", seconds(base, "base"))
         if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool):
             raise TypeError(f"multiplier must be a number, got {type(multiplier).__name__}")
         if not math.isfinite(multiplier) or multiplier < 1:
             raise ValueError(f"multiplier must be a finite number >= 1, got {multiplier!r}")
-        self.multiplier = float(multiplier)
-        self.max = _cap("max", max)
+        _set(self, "multiplier", float(multiplier))
+        _set(self, "max", _cap("max", max))
         # From attempt ``_capped_from`` on the answer is ``_limit`` (no pow, no overflow).
         if self.base == 0 or self.multiplier == 1 or self.max == 0:
-            self._capped_from, self._limit = 0, _capped(self.base, self.max)
+            _set(self, "_capped_from", 0)
+            _set(self, "_limit", _capped(self.base, self.max))
         else:
             limit = _FLOAT_MAX if self.max is None else self.max
             # base * multiplier ** n >= limit for every n >= this (one step of slack)
             ratio = math.log(limit) - math.log(self.base)
-            self._capped_from = _steps_to(ratio / math.log(self.multiplier)) + 1
-            self._limit = math.inf if self.max is None else self.max
+            _set(self, "_capped_from", _steps_to(ratio / math.log(self.multiplier)) + 1)
+            _set(self, "_limit", math.inf if self.max is None else self.max)
 
     def __call__(self, attempt: int) -> float:
         if attempt >= self._capped_from:
@@ -122,6 +160,9 @@ class ExponentialBackoff:
             except OverflowError:
                 delay = math.inf
         return delay if self.max is None else min(delay, self.max)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (ExponentialBackoff, (self.base, self.multiplier, self.max))
 
     def __repr__(self) -> str:
         return f"ExponentialBackoff({self.base!r}, {self.multiplier!r}, max={self.max!r})"

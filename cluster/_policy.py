@@ -176,6 +176,10 @@ class RetryPolicy:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"RetryPolicy is immutable (cannot delete {name!r})")
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickle and copy through __init__
+        fields = (self.retries, self.rules, self.backoff, self.jitter, self.predicate)
+        return (_policy, fields)
+
     def __repr__(self) -> str:
         return (
             f"RetryPolicy(retries={self.retries!r}, rules={self.rules!r}, "
@@ -272,6 +276,18 @@ class RetryPolicy:
             # rng.uniform(1 - jitter, 1 + jitter), without its call
             delay *= (1.0 - jitter) + (2.0 * jitter) * rng.random()
         return delay
+
+
+def _policy(
+    retries: int | None,
+    rules: tuple[RetryRule, ...],
+    backoff: Callable[[int], float],
+    jitter: float,
+    predicate: Callable[[BaseException], object] | None,
+) -> RetryPolicy:
+    return RetryPolicy(
+        retries=retries, rules=rules, backoff=backoff, jitter=jitter, predicate=predicate
+    )
 
 
 def applied(

@@ -153,6 +153,17 @@ def _check_cron(expr: object) -> str:
     return normal
 
 
+def _utc_bound(until: datetime) -> datetime:
+    """``until`` in UTC (naive: local time, as ``astimezone()`` reads it), where
+    comparisons cannot ignore ``fold``; ``datetime.max``/``min`` (naive, whose UTC
+    form is out of range) clamp to the ends of the range."""
+    try:
+        return until.astimezone(_UTC)
+    except (OverflowError, ValueError):
+        end = datetime.max if until.year > 5000 else datetime.min
+        return end.replace(tzinfo=_UTC)
+
+
 # --------------------------------------------------------------------------- Repeat
 
 
@@ -196,9 +207,7 @@ class Repeat:
         if until is not None and not isinstance(until, datetime):
             raise TypeError(f"until must be a datetime, got {type(until).__name__}")
         set_(self, "until", until)
-        # naive: local time (astimezone() reads it so); compared in UTC, where fold
-        # cannot be ignored
-        set_(self, "_until", None if until is None else until.astimezone(_UTC))
+        set_(self, "_until", None if until is None else _utc_bound(until))
         if not isinstance(stop_on_error, bool):
             raise TypeError(f"stop_on_error must be a bool, got {type(stop_on_error).__name__}")
         set_(self, "stop_on_error", stop_on_error)
@@ -208,6 +217,9 @@ class Repeat:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"Repeat is immutable (cannot delete {name!r})")
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickle and copy through __init__
+        return (_repeat, (self.every, self.cron, self.count, self.until, self.stop_on_error))
 
     def _key(self) -> tuple[object, ...]:
         return (self.every, self.cron, self.count, self._until, self.stop_on_error)
@@ -238,9 +250,10 @@ class Repeat:
     ) -> float | None:
         """When run 0 is due, for a series that may start at ``start`` (mono).
 
-        ``every``: ``start`` itself. ``cron``: the first cron time >= ``start``.
-        ``None``: no run at all (``until`` is before it, or the expression has no
-        time left).
+        ``every``: ``start`` itself. ``cron``: the first cron time >= ``start``
+        (less a millisecond of slack for the mono/wall round trip, so a start exactly
+        on a cron time keeps it). ``None``: no run at all (``until`` is before it, or
+        the expression has no time left).
         """
         if self.every is not None:
             if self._until is not None and now_wall(start).astimezone(_UTC) > self._until:
@@ -348,3 +361,9 @@ class Repeat:
             else:
                 due = found
         return due
+
+
+def _repeat(
+    every: float | None, cron: str | None, count: int | None, until: datetime | None, stop: bool
+) -> Repeat:
+    return Repeat(every, cron=cron, count=count, until=until, stop_on_error=stop)

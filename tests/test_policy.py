@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,6 +167,21 @@ def test_retry_rule_and_policy_are_immutable() -> None:
     p = RetryPolicy(retries=1, rules=(r,))
     with pytest.raises(AttributeError):
         p.retries = 9
+
+
+def test_a_policy_survives_pickle_and_deepcopy() -> None:
+    policy = RetryPolicy(
+        retries=UNLIMITED,
+        rules=(rule(Net, Db, retries=2, backoff=FixedBackoff(3)),),
+        backoff=ExponentialBackoff(1, max=8),
+        jitter=0.25,
+    )
+    for twin in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy)):
+        assert repr(twin) == repr(policy)
+        counts, error = RetryCounts([1], 5), Net()
+        assert twin.decide(error, counts, random.Random(4)) == policy.decide(
+            error, counts, random.Random(4)
+        )
 
 
 # -- the default rule alone: with_retry(n) as before -------------------------------
@@ -725,6 +741,27 @@ def test_linear_is_the_formula_capped(
     formula = base + step * attempt
     got = LinearBackoff(base, step, max=cap)(attempt)
     assert got == (formula if cap is None else min(formula, cap))
+
+
+@pytest.mark.parametrize(
+    "strategy", [FixedBackoff(1), LinearBackoff(1, 1, max=5), ExponentialBackoff(1, max=5)]
+)
+def test_strategies_are_immutable(strategy: object) -> None:
+    # each caches where its cap starts: a changed field would leave that stale
+    with pytest.raises(AttributeError, match="immutable"):
+        strategy.max = 100  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FixedBackoff(2), LinearBackoff(1, 2, max=9), ExponentialBackoff(1, 3, max=50)],
+    ids=repr,
+)
+def test_strategies_survive_pickle_and_deepcopy(strategy: Callable[[int], float]) -> None:
+    for twin in (pickle.loads(pickle.dumps(strategy)), copy.deepcopy(strategy)):
+        assert type(twin) is type(strategy)
+        assert repr(twin) == repr(strategy)
+        assert [twin(n) for n in (0, 1, 2, 3, 10**9)] == [strategy(n) for n in (0, 1, 2, 3, 10**9)]
 
 
 def test_an_uncapped_linear_grows_without_raising_to_inf() -> None:

@@ -7,6 +7,7 @@ DST tests set ``TZ`` and call ``time.tzset()``, and restore both.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import sys
@@ -201,6 +202,19 @@ def test_repeat_is_immutable() -> None:
         r.every = 2
 
 
+@pytest.mark.parametrize(
+    "r",
+    [
+        Repeat(5, count=3),
+        Repeat(cron="0 9 * * MON", until=datetime(2030, 1, 1, tzinfo=UTC), stop_on_error=True),
+    ],
+    ids=repr,
+)
+def test_a_repeat_survives_pickle_and_deepcopy(r: Repeat) -> None:
+    assert pickle.loads(pickle.dumps(r)) == r
+    assert copy.deepcopy(r) == r
+
+
 def test_repeats_with_equal_settings_are_equal() -> None:
     until = datetime(2030, 1, 1, tzinfo=UTC)
     assert Repeat(5, count=2, until=until) == Repeat(timedelta(seconds=5), count=2, until=until)
@@ -325,6 +339,12 @@ def test_a_collapsed_run_that_would_start_after_until_ends_the_series() -> None:
     assert CLOCK.next(r, first, first, first + 36, 1) is None
     # ending before until, the collapsed run still runs
     assert CLOCK.next(r, first, first, first + 34, 1) == first + 30
+
+
+def test_until_may_be_the_largest_or_smallest_datetime(tz: None) -> None:
+    set_tz("Europe/Berlin")  # datetime.max as local time is past year 9999 in UTC
+    assert CLOCK.next(Repeat(10, until=datetime.max), 0.0, 0.0, 1.0, 1) == 10.0
+    assert CLOCK.first(Repeat(10, until=datetime.min), 0.0) is None
 
 
 def test_a_naive_until_is_local_time(tz: None) -> None:
