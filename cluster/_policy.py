@@ -216,8 +216,7 @@ class RetryPolicy:
                 return Decision(None, NONE, subject)
             if not isinstance(subject, Exception) or isinstance(subject, TaskCancelledError):
                 return Decision(None, NONE, subject)
-            assert isinstance(error, RetryAfter)
-            after = error.delay
+            after = error.delay  # a RetryAfter: StopRetrying returned above
 
         # The deciding rule, its budget and its backoff.
         index = DEFAULT
