@@ -189,6 +189,8 @@ class Intermittent:
         ``name`` labels the stop tasks (``"<name>.stop"``) and the repr; default:
         ``start``'s qualified name.
         """
+        if not callable(getattr(cluster, "add_task", None)):
+            raise TypeError(f"cluster must be a Cluster, got {type(cluster).__name__}")
         self._cluster = cluster
         self._start: StartFn = function(start, "start")
         if name is not None and not isinstance(name, str):
@@ -338,6 +340,8 @@ def poll(cluster: Cluster, action: Callable[[], object], every: Duration) -> Int
     run's context; an action that honours ``cancelled``/``check()`` lets a stop
     finish promptly.
     """
+    if not callable(getattr(cluster, "add_task", None)):
+        raise TypeError(f"cluster must be a Cluster, got {type(cluster).__name__}")
     function(action, "action")
     period = seconds(every, "every", positive=True)
     name = _qualname(action, "poll")
@@ -505,8 +509,12 @@ class Lifecycle(Generic[C]):
         self._changed = threading.Condition(self._lock)
 
     @property
-    def state(self) -> State:
-        """``"inactive"``, ``"active"``, ``"loading"`` or ``"error"``."""
+    def state(self) -> str:
+        """``"inactive"``, ``"active"``, ``"loading"`` or ``"error"``.
+
+        (Typed ``str``, not a ``Literal``: a type checker would otherwise narrow it
+        after one comparison and reject the next, though another thread changes it.)
+        """
         return self._state
 
     def _set_state_locked(self, state: State) -> None:
@@ -590,7 +598,7 @@ class Lifecycle(Generic[C]):
                     self._set_state_locked(outcome)
                 self._changed.notify_all()  # the next turn begins
 
-    def wait_for_state_change(self, source: str, timeout: Duration | None = None) -> State:
+    def wait_for_state_change(self, source: str, timeout: Duration | None = None) -> str:
         """Block while the state is ``source``; return the state it changed to.
 
         Returns at once if the state is not ``source``. Otherwise wakes on the next
