@@ -147,10 +147,11 @@ class Intermittent:
     ``start()`` begins the operation and returns a stop callable (or None). The first
     ``attach()`` calls ``start()`` on the caller's thread; later ones only count.
     When the last ``Attachment`` is released, the stop callable is submitted to
-    ``cluster`` as a task: it runs on a cluster thread, never under a lock and never
-    on the detaching thread, and an exception in it is logged on the ``cluster``
-    logger. The next ``attach()`` after that starts the operation anew, but only
-    once that stop has returned, so ``start`` and stop never overlap.
+    ``cluster`` as a task: it runs on a cluster thread (or on an ``attach()`` that
+    needs it done, see below), never under a lock and never on the detaching thread,
+    and an exception in it is logged on the ``cluster`` logger. The next
+    ``attach()`` after that starts the operation anew, but only once that stop has
+    returned, so ``start`` and stop never overlap.
 
     Races, decided:
 
