@@ -8,11 +8,15 @@
     some-generator | cluster run -                         # commands from stdin
 
 Each non-empty line that does not start with ``#`` is a command for ``/bin/sh``,
-run in its own process group on a Cluster of ``-j`` workers. What each command
-writes is printed whole when it ends (stdout to stdout, stderr to stderr), in the
-order they end (``-k``: in the file's order). The exit status is the number of
-commands that failed (at most 101), 0 if all succeeded; 130 after Ctrl-C (143 after
-SIGTERM); 2 for bad arguments or a bad jobs file.
+run in its own process group on a Cluster of ``-j`` workers, with /dev/null as its
+stdin (the jobs file may be stdin itself). What each command writes is printed
+whole when it ends (stdout to stdout, stderr to stderr), in the order they end
+(``-k``: in the file's order). On a terminal a progress bar with an ETA runs below
+the output and a table sums up the run (``rich``, the ``cli`` extra; without it,
+plain lines); otherwise plain lines only, a status line every 5 s, and a one-line
+summary on stderr. The exit status is the number of commands that failed (at most
+101), 0 if all succeeded; 130 after Ctrl-C (143 after SIGTERM); 2 for bad arguments
+or a bad jobs file.
 
 Where it differs from GNU parallel, on purpose:
 
@@ -182,6 +186,13 @@ def _skip_succeeded(jobs: list[Job], joblog: str) -> list[Job]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cluster`` command with ``argv`` (default: ``sys.argv[1:]``); return
     the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the run began (the run handles its own)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and not args.joblog:
