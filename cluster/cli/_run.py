@@ -91,11 +91,13 @@ class Runner:
         self._joblog = joblog
         self._resumed = skipped
         self._events: SimpleQueue[Any] = SimpleQueue()
-        # Set by the main thread, read by workers (a plain bool: one store, many loads).
+        # Flags that only ever go from False to True, read by workers without a lock
+        # (one store, many loads): _stopping by the signal handler (main thread),
+        # _halted by the worker whose command failed for good.
         self._stopping = False  # Ctrl-C: start nothing, kill what runs
-        self._halted = False  # --halt-on-error: a command failed for good
-        self._abort_r, self._abort_w = os.pipe()
-        self._running_lock = threading.Lock()  # guards _running
+        self._halted = False  # --halt-on-error: start no new command
+        self._abort_r, self._abort_w = os.pipe()  # written once on Ctrl-C, never read
+        self._running_lock = threading.Lock()  # guards _running and _tried
         self._running = 0  # commands running now
         self._tried: set[int] = set()  # seqs of the jobs an attempt was started for
         # ---- main thread only ----
