@@ -8,7 +8,7 @@ demo:
 	$(PYTHON) examples/demo.py
 
 install-test:
-	$(PYTHON) -m pip install -q -e '.[test,cron]'
+	$(PYTHON) -m pip install -q -e '.[test,all]'
 
 lint:
 	$(PYTHON) -m ruff check .
