@@ -11,6 +11,7 @@ caching, callbacks, subscriber queues and cancellation by id::
         print(handle.result())
 """
 
+from ._background import Attachment, Intermittent, Lifecycle, LifecycleContext
 from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
 from ._builder import TaskBuilder, TaskHandle
 from ._cluster import Cluster
@@ -33,6 +34,7 @@ from ._validate import UNLIMITED
 
 __all__ = [
     "UNLIMITED",
+    "Attachment",
     "Cluster",
     "ClusterError",
     "ClusterStats",
@@ -40,6 +42,9 @@ __all__ = [
     "DuplicateTaskError",
     "ExponentialBackoff",
     "FixedBackoff",
+    "Intermittent",
+    "Lifecycle",
+    "LifecycleContext",
     "LinearBackoff",
     "QueueFullError",
     "Result",

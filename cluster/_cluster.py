@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from queue import SimpleQueue
 from types import FunctionType, MethodType, TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._backend import Backend
 from ._builder import TaskBuilder
@@ -23,6 +23,9 @@ from ._clock import Clock, SystemClock
 from ._runtime import RESERVED, Runtime
 from ._task import ClusterStats, Result, Task, TaskInfo
 from ._validate import Duration, integer, seconds
+
+if TYPE_CHECKING:
+    from ._background import Intermittent
 
 __all__ = ["Cluster"]
 
@@ -175,6 +178,26 @@ class Cluster:
     def stats(self) -> ClusterStats:
         """Counters since creation and gauges of the present moment (also per executor)."""
         return self._rt.stats()
+
+    # ------------------------------------------------------------------ background operations
+
+    def intermittent(self, start: Callable[[], Callable[[], object] | None]) -> Intermittent:
+        """A background operation that runs while at least one attachment holds it.
+
+        ``start()`` begins it and returns its stop callable (or None); the first
+        ``attach()`` calls it, and the stop runs on a cluster thread once the last
+        attachment is released (SPEC §19).
+        """
+        from ._background import Intermittent
+
+        return Intermittent(self, start)
+
+    def poll(self, action: Callable[[], object], every: Duration) -> Intermittent:
+        """An ``Intermittent`` that calls ``action()`` every ``every`` seconds (a repeating
+        task named after ``action``) while attached; nothing runs before the first attach."""
+        from ._background import poll
+
+        return poll(self, action, every)
 
     def __repr__(self) -> str:
         rt = self._rt
