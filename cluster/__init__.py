@@ -11,6 +11,8 @@ caching, callbacks, subscriber queues and cancellation by id::
         print(handle.result())
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._background import Attachment, Intermittent, Lifecycle, LifecycleContext
 from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
 from ._builder import TaskBuilder, TaskHandle
@@ -32,6 +34,19 @@ from ._errors import (
 from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
 from ._validate import UNLIMITED
 
+if TYPE_CHECKING:
+    from ._process import ProcessExecutor
+
+
+def __getattr__(name: str) -> Any:
+    # Parts that pull in more of the standard library load on first use.
+    if name == "ProcessExecutor":
+        from ._process import ProcessExecutor
+
+        return ProcessExecutor
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+
+
 __all__ = [
     "UNLIMITED",
     "Attachment",
@@ -46,6 +61,7 @@ __all__ = [
     "Lifecycle",
     "LifecycleContext",
     "LinearBackoff",
+    "ProcessExecutor",
     "QueueFullError",
     "Result",
     "RetryAfter",

@@ -207,9 +207,13 @@ class SlotPool(Backend):
     def _slot_exit(self, slot: Slot) -> None:
         """A slot leaves its loop (outside the lock): subclasses release what it owns."""
 
+    def _slot_enter(self, slot: Slot) -> None:
+        """A slot thread starts (outside the lock): subclasses prepare what it owns."""
+
     def _work(self, me: Slot) -> None:
         """A slot's loop; returns when the pool shuts down or its attempt is abandoned."""
         try:
+            self._slot_enter(me)
             self._loop(me)
         except BaseException:  # a bug of ours, never a user error: keep the pool whole
             log.critical(
