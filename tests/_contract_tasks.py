@@ -16,6 +16,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 from cluster import current
 
@@ -46,8 +48,8 @@ async def await_gate(gate: str) -> None:
     loop = asyncio.get_running_loop()
     try:
         while True:
-            ready = loop.create_future()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, ready)
             try:
                 await ready
             finally:
@@ -59,6 +61,11 @@ async def await_gate(gate: str) -> None:
                 continue
     finally:
         os.close(fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # ---------------------------------------------------------------- sync tasks (threads, processes)
@@ -224,7 +231,19 @@ async def aswallow(log: str, gate: str) -> str:
     return "late"
 
 
-SYNC = {"record": record, "gated": gated, "flaky": flaky, "gated_first": gated_first,
-        "failing": failing}  # fmt: skip
-ASYNC = {"record": arecord, "gated": agated, "flaky": aflaky, "gated_first": agated_first,
-         "failing": afailing}  # fmt: skip
+#: The contract's tasks by name: plain functions for threads and processes ...
+SYNC: dict[str, Callable[..., Any]] = {
+    "record": record,
+    "gated": gated,
+    "flaky": flaky,
+    "gated_first": gated_first,
+    "failing": failing,
+}
+#: ... and their ``async def`` twins for the event loop.
+ASYNC: dict[str, Callable[..., Any]] = {
+    "record": arecord,
+    "gated": agated,
+    "flaky": aflaky,
+    "gated_first": agated_first,
+    "failing": afailing,
+}

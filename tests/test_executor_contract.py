@@ -63,7 +63,8 @@ class Kit:
 
     def add(self, fn: str, *args: Any) -> TaskBuilder[Any]:
         """A builder of task ``fn`` (by its name in _contract_tasks) on this executor."""
-        builder = self.c.add_task(self.table[fn], *args)
+        target: Callable[..., Any] = self.table[fn]
+        builder: TaskBuilder[Any] = self.c.add_task(target, *args)
         if self.kind == "process":
             builder.with_executor("cpu")
         return builder
@@ -212,7 +213,7 @@ def test_cancel_of_a_running_task_delivers_at_once(make_kit: Callable[[int], Kit
     h = hold(kit, "victim")
     t0 = time.monotonic()
     assert kit.c.cancel_task(h.id) is True
-    assert isinstance(h.wait(0).error, TaskCancelledError)  # type: ignore[union-attr]
+    assert isinstance(h.wait(0).error, TaskCancelledError)
     assert time.monotonic() - t0 < 1.0
     assert kit.add("record", kit.log, "next").submit().result(WAIT) == "next"
     assert h.cancel() is False
@@ -262,7 +263,7 @@ def test_stop_timeout_cancels_a_stuck_task(make_kit: Callable[[int], Kit]) -> No
     stuck = hold(kit, "stuck")
     with pytest.raises(StopTimeoutError):
         kit.c.stop(timeout=0.3)
-    assert isinstance(stuck.wait(0).error, TaskCancelledError)  # type: ignore[union-attr]
+    assert isinstance(stuck.wait(0).error, TaskCancelledError)
 
 
 def _refuses(c: Cluster) -> bool:
