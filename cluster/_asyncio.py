@@ -80,6 +80,7 @@ class AsyncBackend(Backend):
     """One event-loop thread running ``async def`` attempts, at most ``limit`` at once."""
 
     kills = True  # a cancelled coroutine needs no replacement slot
+    runs_coroutines = True
 
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -222,6 +223,8 @@ class AsyncBackend(Backend):
                 if ctx.deadline is not None:
                     rt.arm_service_locked(ctx.deadline)
                 started.append((task, ctx, slot))
+            if started and not self._beating:
+                rt.arm_service_locked(now + BEAT)  # watch the loop while attempts run
             due = sched.next_due(lane)
             self._timer_at = float("inf") if due is None else due
             wait = None if due is None else rt.clock.timeout(max(0.0, due - now))

@@ -36,6 +36,8 @@ class Backend:
     kills: ClassVar[bool] = False
     #: True if ``prepare`` must see every task of this lane at submit.
     prepares: ClassVar[bool] = False
+    #: True if it can run ``async def`` functions (the event loop).
+    runs_coroutines: ClassVar[bool] = False
 
     #: The runtime this backend serves and its lane (set once by ``bind``).
     rt: Runtime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime
@@ -119,7 +120,14 @@ class TaskBuilder(Generic[T]):
         ``Cluster(executors=...)``); an unknown name raises ValueError."""
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        self._live().lane = self._host._lane(name)
+        task = self._live()
+        lane = self._host._lane(name)
+        if not lane.backend.runs_coroutines and inspect.iscoroutinefunction(task.fn):  # type: ignore[attr-defined]
+            raise ValueError(
+                f"{task.fn!r} is an async def function: it runs on the 'async' executor, "
+                f"not on {name!r}"
+            )
+        task.lane = lane
         return self
 
     def with_retry_mode(self, mode: RetryMode) -> TaskBuilder[T]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from queue import SimpleQueue
 from types import FunctionType, MethodType, TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backend import Backend
 from ._builder import TaskBuilder
@@ -136,7 +136,17 @@ class Cluster:
 
     # ------------------------------------------------------------------ submission
 
-    def add_task(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> TaskBuilder[T]:
+    @overload
+    def add_task(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskBuilder[T]: ...
+
+    @overload
+    def add_task(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskBuilder[T]: ...
+
+    def add_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskBuilder[Any]:
         """Start building a task that calls ``fn(*args, **kwargs)``; finish with ``submit()``.
 
         An ``async def`` function (also through ``functools.partial``) runs on the
