@@ -32,6 +32,7 @@ from pathlib import Path
 from benchmarks import _tasks
 from cluster import Cluster, ProcessExecutor, TaskTimeoutError
 
+DASH = "\u2013"  # en dash, for "min-max" ranges in the table
 Row = tuple[str, str, list[float], list[float] | None, str]  # scenario, metric, ours, anchor, goal
 
 
@@ -67,28 +68,34 @@ def cpu_rows(repeats: int, quick: bool) -> list[Row]:
     serial = time.perf_counter() - t0
     ours: list[float] = []
     theirs: list[float] = []
-    with Cluster(workers=1, executors={"cpu": ProcessExecutor(2)}) as c, ProcessPoolExecutor(
-        2
-    ) as ppe:
+    with (
+        Cluster(workers=1, executors={"cpu": ProcessExecutor(2)}) as c,
+        ProcessPoolExecutor(2) as ppe,
+    ):
         for f in [ppe.submit(_tasks.noop) for _ in range(2)]:
             f.result()  # both pools warm
         for h in [c.add_task(_tasks.noop).with_executor("cpu").submit() for _ in range(2)]:
             h.result(60)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            hs = [c.add_task(_tasks.burn, steps).with_executor("cpu").submit() for _ in range(8)]
-            for h in hs:
-                h.result(600)
+            burns = [c.add_task(_tasks.burn, steps).with_executor("cpu").submit() for _ in range(8)]
+            for b in burns:
+                b.result(600)
             ours.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            fs = [ppe.submit(_tasks.burn, steps) for _ in range(8)]
-            for f in fs:
-                f.result()
+            futures = [ppe.submit(_tasks.burn, steps) for _ in range(8)]
+            for fut in futures:
+                fut.result()
             theirs.append(time.perf_counter() - t0)
     return [
         ("cpu (8 x ~0.5 s, 2 procs)", "wall_s", ours, theirs, "lower"),
-        ("", "speedup_vs_serial", [serial / x for x in ours], [serial / x for x in theirs],
-         ">= 1.8x and >= PPE"),  # fmt: skip
+        (
+            "",
+            "speedup_vs_serial",
+            [serial / x for x in ours],
+            [serial / x for x in theirs],
+            ">= 1.8x and >= PPE",
+        ),
     ]
 
 
@@ -96,9 +103,10 @@ def noop_process_rows(repeats: int, quick: bool) -> list[Row]:
     n = 200 if quick else 2000
     ours: list[float] = []
     theirs: list[float] = []
-    with Cluster(workers=1, executors={"cpu": ProcessExecutor(2)}) as c, ProcessPoolExecutor(
-        2
-    ) as ppe:
+    with (
+        Cluster(workers=1, executors={"cpu": ProcessExecutor(2)}) as c,
+        ProcessPoolExecutor(2) as ppe,
+    ):
         for f in [ppe.submit(_tasks.noop) for _ in range(4)]:
             f.result()
         for h in [c.add_task(_tasks.noop).with_executor("cpu").submit() for _ in range(4)]:
@@ -128,9 +136,10 @@ def kill_rows(repeats: int, quick: bool) -> list[Row]:
     samples = 5 if quick else 20
     delays: list[float] = []
     gone_after: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp, Cluster(
-        workers=1, executors={"cpu": ProcessExecutor(1)}
-    ) as c:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Cluster(workers=1, executors={"cpu": ProcessExecutor(1)}) as c,
+    ):
         for i in range(samples):
             pid_file = os.path.join(tmp, f"pid{i}")
             h = c.add_task(_tasks.ignore_term_and_spin, pid_file).with_executor("cpu")
@@ -225,7 +234,7 @@ def _fmt(xs: list[float] | None) -> str:
     m = _median(xs)
     if len(xs) == 1:
         return f"{m:.3g}"
-    return f"{m:.3g} [{min(xs):.3g}–{max(xs):.3g}]"
+    return f"{m:.3g} [{min(xs):.3g}{DASH}{max(xs):.3g}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"  {name} ...", file=sys.stderr, flush=True)
         rows.extend(fn(args.repeats, args.quick))
-    header = ("scenario", "metric", "cluster median [min–max]", "anchor median", "ratio", "goal")
+    header = (
+        "scenario",
+        "metric",
+        f"cluster median [min{DASH}max]",
+        "anchor median",
+        "ratio",
+        "goal",
+    )
     table: list[tuple[str, ...]] = [header]
     for scenario, metric, ours, theirs, goal in rows:
         ratio = "—" if not theirs else f"{_median(ours) / _median(theirs):.2f}x"
