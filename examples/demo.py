@@ -1,12 +1,16 @@
 """A tour of `cluster`: a small nightly reporting job, simulated in one process.
 
 It shows priorities, a delayed start, a retry with exponential backoff and jitter,
-a timeout, a cancel, two subscribers and a late subscribe to a cached result.
-Run it with `make demo` (or `python examples/demo.py`); it takes about 3 seconds.
+a timeout, a cancel, two subscribers, a late subscribe to a cached result, CPU work
+in child processes (one of them a runaway that a timeout kills) and an `async def`
+task on the event loop. Run it with `make demo` (or `python examples/demo.py`); it
+takes about 4 seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 from cluster import (
     Cluster,
     ExponentialBackoff,
+    ProcessExecutor,
     Result,
     TaskCancelledError,
     TaskTimeoutError,
@@ -77,6 +82,27 @@ def send_digest() -> str:
     return "sent"
 
 
+def crunch_numbers(n: int) -> tuple[int, int]:
+    """CPU-bound work, in a child process (the GIL does not hold it back there)."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return os.getpid(), total
+
+
+def runaway() -> None:
+    """A CPU loop that never checks its context: only killing its process stops it."""
+    while True:
+        pass
+
+
+async def fetch_inventory(store: str) -> dict[str, int]:
+    """An `async def` task: it runs on the cluster's event loop, beside the threads."""
+    await asyncio.sleep(0.1)  # a stand-in for an HTTP call
+    say(f"inventory of {store!r} fetched on the event loop")
+    return {"widgets": 12, "gadgets": 3}
+
+
 def on_failure(task_id: str, error: BaseException) -> None:
     say(f"on_failure({task_id!r}): {type(error).__name__}")
 
@@ -88,7 +114,7 @@ def show(label: str, result: Result[Any]) -> None:
 
 def main() -> None:
     gate = threading.Event()
-    with Cluster(workers=3) as c:
+    with Cluster(workers=3, executors={"cpu": ProcessExecutor(2)}) as c:
         say("== 1. priorities: all three workers are busy, six reports wait in the queue")
         for _ in range(3):
             c.add_task(gate.wait, 5).submit()
@@ -141,6 +167,22 @@ def main() -> None:
         show("late subscriber got rates", c.subscribe("rates").get(timeout=1))
         info = c.info("rates")
         say(f"   info: state={info.state.value} attempts={info.attempts}")
+
+        say("== 7. CPU work in child processes; a runaway killed by its timeout; async def")
+        crunches = [
+            c.add_task(crunch_numbers, 3_000_000).with_executor("cpu").submit() for _ in range(2)
+        ]
+        stuck = c.add_task(runaway).with_executor("cpu").with_timeout(0.3).submit()
+        inventory = c.add_task(fetch_inventory, "north").with_timeout(2).submit()
+        for h in crunches:
+            pid, total = h.result(timeout=30)
+            say(f"   crunched {total} in child process {pid}")
+        try:
+            stuck.result(timeout=10)
+        except TaskTimeoutError:
+            say("   the runaway timed out: its process group was killed and replaced")
+        say(f"   inventory: {inventory.result(timeout=5)}")
+        say(f"   the cpu executor runs on: {c.stats().executors['cpu']}")
     stats = c.stats()
     say(
         f"== done: submitted={stats.submitted} succeeded={stats.succeeded} "
