@@ -34,10 +34,10 @@ import traceback
 from typing import Any
 
 from ._backend import Backend, join_threads
-from ._core import DONE, REQUEUED, SLEEP, retry_delay
+from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, plan
 from ._delivery import deliver_sinks, has_callbacks, run_callbacks
 from ._slots import _drop_frame
-from ._task import _CURRENT, Task, TaskContext
+from ._task import _CURRENT, DEFAULT_OPTIONS, Result, Task, TaskContext, TaskState
 
 __all__ = ["AsyncBackend"]
 
@@ -67,6 +67,12 @@ class _Slot:
         loop = self.backend._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._abort_on_loop)
+
+    def poke_on_loop(self) -> None:
+        """A fake clock moved: an IMMEDIATE backoff in progress looks at the time again."""
+        wakeup = self.wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     def _abort_on_loop(self) -> None:
         wakeup = self.wakeup
@@ -129,7 +135,7 @@ class AsyncBackend(Backend):
         if self._loop is not None:
             self._kick_locked()
             for slot in self._sleepers:
-                self._loop.call_soon_threadsafe(slot._abort_on_loop)
+                self._loop.call_soon_threadsafe(slot.poke_on_loop)
 
     def owed_locked(self) -> bool:
         """The loop is delivering a Result."""
@@ -280,12 +286,17 @@ class AsyncBackend(Backend):
                         "async task %r ignored its cancellation; its outcome is dropped",
                         ctx.task_id,
                     )
-            delay = None
-            if error is not None and task.attempts <= task.opts.retries:
-                delay = retry_delay(task, error, sched.rng)  # user code, on the loop
+            decision = rearm = None
+            opts = task.opts
+            if opts is not DEFAULT_OPTIONS and (error is not None or opts.repeat is not None):
+                stopping = not sched.runs_allowed  # user code, on the loop:
+                decision, rearm = plan(
+                    task, ctx, error, sched.rng, stopping, rt.monotonic(), rt.clock
+                )
             sleeping: TaskContext | None = None
+            run_ended: Result[Any] | None = None
             with rt.lock:
-                code = sched.finish(task, ctx, value, error, delay, rt.monotonic())
+                code = sched.finish(task, ctx, value, error, decision, rt.monotonic(), rearm)
                 if code == DONE:
                     rt.settle_locked(1)
                     if task.sinks is not None:
@@ -294,6 +305,9 @@ class AsyncBackend(Backend):
                         rt.arm_expiry_locked()
                 elif code == REQUEUED:
                     self.queued_locked(task, False)
+                elif code == RUN_ENDED:
+                    run_ended = rt.deliver_run_locked(task)
+                    self.queued_locked(task, task.state is TaskState.PENDING)
                 elif code == SLEEP:
                     sleeping = task.ctx
                     sleeping._hook = slot.abort  # type: ignore[union-attr]
@@ -319,6 +333,8 @@ class AsyncBackend(Backend):
                 else:
                     task.release()
                 return
+            if run_ended is not None:
+                rt.runners.submit(_run_callbacks, (task, run_ended))
             if code != SLEEP:
                 return
             # IMMEDIATE retry: sleep the backoff on the loop, then resume.
@@ -352,6 +368,10 @@ class AsyncBackend(Backend):
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _run_callbacks(job: tuple[Task, Result[Any]]) -> None:
+    run_callbacks(*job)
 
 
 def _callbacks_then_release(task: Task) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backoff import RetryMode
+from ._policy import make_rule
 from ._task import (
     DEFAULT_OPTIONS,
     TERMINAL,
@@ -17,9 +18,11 @@ from ._task import (
     FailureCallback,
     Options,
     Result,
+    Series,
     Task,
 )
 from ._validate import Duration, function, integer, seconds
+from ._validate import retries as retry_count
 
 if TYPE_CHECKING:
     from ._host import TaskHost
@@ -92,8 +95,49 @@ class TaskBuilder(Generic[T]):
         return self
 
     def with_retry(self, retries: int) -> TaskBuilder[T]:
-        """Retry up to ``retries`` times after the first attempt fails (0: never)."""
-        self._options().retries = integer(retries, "retries", minimum=0)
+        """Retry up to ``retries`` times after the first attempt fails (0: never;
+        ``UNLIMITED``: until it succeeds, is cancelled, the cluster stops, or an error
+        is final). It is the rule for any ``Exception`` no ``with_retry_rule`` matched."""
+        self._options().retries = retry_count(retries, "retries")
+        return self
+
+    def with_retry_rule(
+        self,
+        *errors: type[BaseException],
+        retries: int = 3,
+        backoff: Callable[[int], float] | None = None,
+    ) -> TaskBuilder[T]:
+        """For an error that is an instance of one of ``errors``: retry up to ``retries``
+        consecutive times, waiting ``backoff(n)`` (default: the task's backoff; ``n``
+        counts this rule's retries from 0). Rules are tried in the order added; the
+        first that matches decides, on its own budget."""
+        rule = make_rule(errors, retries, backoff)
+        opts = self._options()
+        opts.rules = (*opts.rules, rule)
+        return self
+
+    def repeat(
+        self,
+        every: Duration | None = None,
+        *,
+        cron: str | None = None,
+        count: int | None = None,
+        until: datetime | None = None,
+        stop_on_error: bool = False,
+    ) -> TaskBuilder[T]:
+        """Run the task as a series of runs: every ``every`` seconds (fixed rate: run
+        ``k`` is due at first start + ``k * every``), or at the times of the 5-field
+        ``cron`` expression (local time; the ``cron`` extra). ``count``: at most that
+        many runs; ``until``: no run starts after it; ``stop_on_error``: a run that
+        ends in a final error ends the series. Each run's Result reaches every
+        subscriber and the callbacks; ``handle.results()`` iterates them."""
+        from ._repeat import Repeat
+
+        if not isinstance(stop_on_error, bool):
+            raise TypeError(f"stop_on_error must be a bool, got {type(stop_on_error).__name__}")
+        self._options().repeat = Repeat(
+            every, cron=cron, count=count, until=until, stop_on_error=stop_on_error
+        )
         return self
 
     def with_backoff(self, strategy: Callable[[int], float]) -> TaskBuilder[T]:
@@ -161,6 +205,9 @@ class TaskBuilder(Generic[T]):
         task = self._task
         if task is None:
             raise RuntimeError("this TaskBuilder was already submitted")
+        opts = task.opts
+        if opts is not DEFAULT_OPTIONS and opts.repeat is not None:
+            self._start_series(task)
         self._task = None
         try:
             self._host._submit(task)
@@ -168,6 +215,18 @@ class TaskBuilder(Generic[T]):
             self._task = task
             raise
         return TaskHandle(self._host, task)
+
+    def _start_series(self, task: Task) -> None:
+        """A repeating task's first run: its grid's origin (SPEC §11)."""
+        clock = self._host.clock
+        repeat = task.opts.repeat
+        assert repeat is not None
+        start = clock.monotonic() if task.start is None else task.start
+        first = repeat.first_due(start, now_wall=clock.to_date, from_wall=clock.from_date)
+        if first is None:
+            raise ValueError("this repeat() has no run at all: until is before its first run")
+        task.start = first
+        task.opts.series = Series(first)
 
     def __repr__(self) -> str:
         task = self._task
@@ -211,6 +270,14 @@ class TaskHandle(Generic[T]):
     def subscribe(self) -> SimpleQueue[Result[Any]]:
         """A new queue that receives the Result (at once if already terminal)."""
         return self._host._subscribe(self._task)
+
+    def results(self, timeout: Duration | None = None) -> Iterator[Result[T]]:
+        """Iterate the task's Results as they arrive: one per run of a repeating task
+        (the last one when the series ends), or the one Result of any other task.
+        ``timeout`` bounds each wait (TimeoutError); start iterating before the runs
+        you want to see end (Results that came before are not replayed)."""
+        limit = None if timeout is None else seconds(timeout, "timeout")
+        return self._host._results(self._task, limit)
 
     def future(self) -> Future[T]:
         """A concurrent.futures.Future of the value; cancelling it cancels the task."""

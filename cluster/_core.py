@@ -39,18 +39,24 @@ import random
 from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
-from ._errors import DuplicateTaskError, TaskCancelledError, TaskNotFoundError, TaskTimeoutError
+from ._clock import Clock
+from ._errors import DuplicateTaskError, TaskNotFoundError, TaskTimeoutError
+from ._policy import DEFAULT, Decision, RetryCounts, applied
 from ._queues import ReadyQueue
-from ._task import TERMINAL, Task, TaskContext, TaskState
+from ._task import DEFAULT_OPTIONS, TERMINAL, Options, Result, Task, TaskContext, TaskState
+from ._validate import UNLIMITED
 
 __all__ = [
     "DONE",
     "REQUEUED",
+    "RUN_ENDED",
     "SLEEP",
     "STALE",
     "Lane",
     "ReadyQueue",
     "Scheduler",
+    "decide",
+    "plan",
     "retry_delay",
 ]
 
@@ -70,41 +76,80 @@ STALE = 0  #: the attempt had been abandoned (timeout/cancel): drop its outcome
 DONE = 1  #: the task is terminal: deliver its result
 REQUEUED = 2  #: a retry waits in the queue
 SLEEP = 3  #: RetryMode.IMMEDIATE: sleep the backoff on task.ctx, then ``resume``
+RUN_ENDED = 4  #: a repeating task's run ended, the series goes on: deliver ``run_result``
 
 _COMPACT_MIN = 64  # dead heap entries tolerated before a rebuild is considered
+
+
+def decide(
+    task: Task, ctx: TaskContext, error: BaseException, rng: random.Random, stopping: bool
+) -> Decision | None:
+    """The retry policy's answer after ``error`` ended attempt ``ctx`` of ``task``;
+    None when nothing may ever be retried (no user code runs then).
+
+    Runs the user's predicate and backoff: the cluster calls it *outside* its lock,
+    and applies the answer with ``Scheduler.finish`` or ``fail_detached``.
+    """
+    policy = task.opts.retry_policy()
+    if policy is None:
+        return None
+    return policy.decide(
+        error, task.opts.counts, rng, stopping=stopping, reset=ctx._reset, task_id=task.id
+    )
+
+
+def plan(
+    task: Task,
+    ctx: TaskContext,
+    error: BaseException | None,
+    rng: random.Random,
+    stopping: bool,
+    now: float,
+    clock: Clock,
+) -> tuple[Decision | None, float | None]:
+    """What follows attempt ``ctx``: the retry decision for ``error``, and, when this
+    ends a run of a repeating task, when its next run is due (None: the series ends).
+
+    Runs user code (the retry predicate and backoff) and cron arithmetic: called
+    outside the lock by the thread that saw the attempt end; ``finish`` applies it.
+    """
+    decision = None
+    opts = task.opts
+    if error is not None:
+        decision = decide(task, ctx, error, rng, stopping)
+        if decision is not None and decision.delay is not None:
+            return decision, None  # a retry: the run goes on
+    repeat = opts.repeat
+    series = opts.series
+    if repeat is None or series is None or stopping or (error is not None and repeat.stop_on_error):
+        return decision, None
+    rearm = repeat.next_due(
+        series.first,
+        series.last_due,
+        now,
+        runs=series.run + 1,
+        now_wall=clock.to_date,
+        from_wall=clock.from_date,
+    )
+    return decision, rearm
 
 
 def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float | None:
     """Seconds to wait before retrying ``task`` after ``error``; None: no retry.
 
-    Runs the user's predicate and backoff, so the cluster calls it *outside* its
-    lock. A predicate that raises counts as False; a backoff that raises or gives
-    NaN or a negative delay is logged and treated as 0 (the retry is not lost).
+    ``decide``'s delay for the task's current attempt (the core's tests drive the
+    scheduler with it, and set ``attempts`` by hand: without counts yet, the default
+    rule's count is taken as the retries so far, ``attempts - 1``).
     """
     opts = task.opts
-    if task.attempts > opts.retries:  # attempts started so far vs. retries + 1 allowed
+    policy = opts.retry_policy()
+    if policy is None:
         return None
-    if not isinstance(error, Exception) or isinstance(error, TaskCancelledError):
-        return None  # BaseExceptions and cancellations are final
-    predicate = opts.retry_if
-    if predicate is not None:
-        try:
-            if not predicate(error):
-                return None
-        except BaseException:
-            log.exception("retry_if predicate of task %r raised; not retrying", task.id)
-            return None
-    try:
-        delay = float(opts.backoff(task.attempts - 1))
-    except BaseException:
-        log.exception("backoff of task %r raised; retrying without delay", task.id)
-        return 0.0
-    if not delay >= 0:  # also catches NaN
-        log.error("backoff of task %r returned %r; retrying without delay", task.id, delay)
-        return 0.0
-    if opts.jitter:
-        delay *= rng.uniform(1.0 - opts.jitter, 1.0 + opts.jitter)
-    return delay
+    counts = opts.counts
+    if counts is None and task.attempts > 1:
+        counts = RetryCounts([0] * len(opts.rules), task.attempts - 1)
+    decision = policy.decide(error, counts, rng, task_id=task.id)
+    return decision.delay
 
 
 class Lane:
@@ -142,6 +187,15 @@ class Lane:
         return f"<Lane {self.name!r} queued={self.queued} running={self.running}>"
 
 
+def _budget(opts: Options, rule: int) -> int | None:
+    """The retry budget of ``rule`` (an index into ``opts.rules``, or DEFAULT)."""
+    if rule == DEFAULT:
+        return opts.retries
+    if 0 <= rule < len(opts.rules):
+        return opts.rules[rule].retries
+    return None
+
+
 def _waiting(task: Task) -> bool:
     """Is this timer-heap entry live? (A task has at most one entry there.)"""
     state = task.state
@@ -173,6 +227,10 @@ class Scheduler:
         self.rng = rng if rng is not None else random.Random()
         #: False once a shutdown has cancelled whatever has not started.
         self.retries_allowed = True
+        #: False once a stop has begun: no repeating task starts another run.
+        self.runs_allowed = True
+        #: The Result of the run that the last RUN_ENDED ended (for the caller).
+        self.run_result: Result[object] | None = None
         # Counters.
         self.submitted = self.succeeded = self.failed = 0
         self.cancelled = self.timed_out = self.retried = 0
@@ -325,10 +383,16 @@ class Scheduler:
         ctx: TaskContext,
         value: object,
         error: BaseException | None,
-        delay: float | None,
+        decision: Decision | float | None,
         now: float,
+        rearm: float | None = None,
     ) -> int:
-        """Record how the attempt ``ctx`` ended; ``delay`` is ``retry_delay``'s answer.
+        """Record how the attempt ``ctx`` ended.
+
+        ``decision`` is the retry policy's answer for ``error`` (a plain float is a
+        retry after that many seconds on the default rule); ``rearm`` is, for a
+        repeating task whose run ends here, when its next run is due (None: the
+        series ends). The edge computes both outside the lock (user code).
 
         The compare-and-set at the heart of exactly-once: only the attempt that is
         still ``task.ctx`` may move the task on; a timed-out or cancelled attempt
@@ -341,43 +405,102 @@ class Scheduler:
         task.lane.running -= 1  # type: ignore[union-attr]
         task.ctx = None
         if error is None:
-            self._finalize(task, SUCCEEDED, value, None, now)
-            return DONE
-        return self._failed(task, error, delay, now, True)
+            return self._end_run(task, SUCCEEDED, value, None, rearm, now)
+        return self._failed(task, error, decision, rearm, now, True, ctx._reset)
 
     def fail_detached(
-        self, ctx: TaskContext, error: BaseException, delay: float | None, now: float
+        self,
+        ctx: TaskContext,
+        error: BaseException,
+        decision: Decision | float | None,
+        now: float,
+        rearm: float | None = None,
     ) -> int:
-        """Settle an attempt that ``expire`` detached: schedule its retry or end the task."""
+        """Settle an attempt that ``expire`` detached: schedule its retry or end the run."""
         task = ctx._task
         ctx._task = None
         ctx._worker = None
         if task is None or task.state is not RUNNING or task.ctx is not None:
             return STALE  # cancelled or shut down meanwhile
         task.lane.running -= 1  # type: ignore[union-attr]
-        return self._failed(task, error, delay, now, False)
+        return self._failed(task, error, decision, rearm, now, False, ctx._reset)
 
     def _failed(
-        self, task: Task, error: BaseException, delay: float | None, now: float, may_sleep: bool
+        self,
+        task: Task,
+        error: BaseException,
+        decision: Decision | float | None,
+        rearm: float | None,
+        now: float,
+        may_sleep: bool,
+        reset: bool,
     ) -> int:
+        opts = task.opts
+        if decision is None or type(decision) is float:
+            delay, rule, ending = decision, DEFAULT, error
+        else:
+            delay, rule, ending = decision.delay, decision.rule, decision.error  # type: ignore[union-attr]
+        if opts is not DEFAULT_OPTIONS:
+            opts.last_error = error if ending is error else ending
         if delay is not None and self.retries_allowed:
+            if opts is not DEFAULT_OPTIONS:
+                counted = decision if type(decision) is Decision else Decision(delay, rule, ending)
+                opts.counts = applied(opts.counts, counted, len(opts.rules), reset=reset)
+                opts.unlimited = _budget(opts, rule) == UNLIMITED
             self.retried += 1
             lane = task.lane
             lane.delayed += 1  # type: ignore[union-attr]
             task.state = RETRYING
-            task._error = error
+            task._error = ending
             task.start = now + delay
-            if may_sleep and task.opts.retry_mode is RetryMode.IMMEDIATE:
-                # The worker sleeps on this context's event: cancel and stop set it.
+            if may_sleep and opts.retry_mode is RetryMode.IMMEDIATE:
+                # The worker sleeps on this context: cancel and stop signal it.
                 task.ctx = TaskContext(task, task.attempts, None)
                 return SLEEP
             task.ctx = None
             heappush(lane.timers, task)  # type: ignore[union-attr]
             return REQUEUED
         task.ctx = None
-        state = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
-        self._finalize(task, state, None, error, now)
-        return DONE
+        state = TIMED_OUT if isinstance(ending, TaskTimeoutError) else FAILED
+        return self._end_run(task, state, None, ending, rearm, now)
+
+    def _end_run(
+        self,
+        task: Task,
+        state: TaskState,
+        value: object,
+        error: BaseException | None,
+        rearm: float | None,
+        now: float,
+    ) -> int:
+        """A run ended in ``state``: the task is terminal (DONE), or, for a repeating
+        task whose series goes on, it waits for its next run (RUN_ENDED: the run's
+        Result is in ``run_result`` for the caller to deliver)."""
+        series = task.opts.series
+        if series is None or rearm is None or not self.runs_allowed:
+            self._finalize(task, state, value, error, now)
+            return DONE
+        task.value = value
+        task._error = error
+        task.finished_at = now
+        self.run_result = task.result()
+        opts = task.opts
+        opts.counts = None  # retries and rules start afresh in every run
+        opts.unlimited = False
+        series.run += 1
+        series.last_due = rearm
+        task.attempts = 0
+        task.start = rearm
+        lane: Lane = task.lane  # type: ignore[assignment]
+        if rearm <= now:  # missed occurrences collapsed into one run, due now
+            task.state = PENDING
+            lane.queued += 1
+            lane.ready.push(task)
+        else:
+            task.state = DELAYED
+            lane.delayed += 1
+            heappush(lane.timers, task)
+        return RUN_ENDED
 
     def resume(self, task: Task, ctx: TaskContext, now: float) -> bool:
         """After an IMMEDIATE backoff slept on ``ctx``: start the next attempt (with a
@@ -467,6 +590,34 @@ class Scheduler:
         elif lane.timer_dead:
             self._compact_timers(lane)
         return True
+
+    def stop_series(self, now: float) -> list[Task]:
+        """A graceful stop began: no series starts another run. A series waiting for its
+        next run is cancelled (reason "shutdown"); a task waiting to retry on an
+        UNLIMITED budget ends with its last error. Returns the tasks made terminal."""
+        self.runs_allowed = False
+        done: list[Task] = []
+        for task in [t for t in self.tasks.values() if t.state not in TERMINAL]:
+            opts = task.opts
+            if opts is DEFAULT_OPTIONS:
+                continue
+            state = task.state
+            if opts.series is not None and (state is DELAYED or state is PENDING):
+                self.cancel(task, "shutdown", now)
+                done.append(task)
+            elif state is RETRYING and opts.unlimited:
+                lane: Lane = task.lane  # type: ignore[assignment]
+                lane.delayed -= 1
+                if task.ctx is None:
+                    lane.timer_dead += 1
+                else:  # an IMMEDIATE backoff: wake the worker sleeping on it
+                    task.ctx.signal("shutdown")
+                    task.ctx = None
+                error = task._error
+                finished = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
+                self._finalize(task, finished, None, error, now)
+                done.append(task)
+        return done
 
     def cancel_all(self, reason: str, now: float, running: bool) -> list[Task]:
         """Cancel every task not yet terminal (``running``: running ones too)."""

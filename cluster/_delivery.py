@@ -27,7 +27,15 @@ from ._task import Result, Task
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["LINGER", "STUCK", "Runners", "Signal", "deliver_sinks", "run_callbacks"]
+__all__ = [
+    "LINGER",
+    "STUCK",
+    "Runners",
+    "SeriesSink",
+    "Signal",
+    "deliver_sinks",
+    "run_callbacks",
+]
 
 log = logging.getLogger("cluster")
 
@@ -53,6 +61,19 @@ class Signal:
         self.event.set()
 
 
+class SeriesSink:
+    """What ``TaskHandle.results()`` reads: every run's Result, then the last one,
+    marked final (``(result, True)``), so the reader knows the series ended."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: SimpleQueue[tuple[Result[Any], bool]] = SimpleQueue()
+
+    def __call__(self, result: Result[Any]) -> None:
+        self.queue.put((result, True))
+
+
 def deliver_sinks(task: Task) -> None:
     """Hand a terminal task's Result to each of its sinks (outside every lock)."""
     sinks = task.sinks
@@ -70,13 +91,17 @@ def deliver_sinks(task: Task) -> None:
     task.sinks = None
 
 
-def run_callbacks(task: Task) -> None:
-    """Run on_complete then on_failure; an exception is logged and changes nothing."""
+def run_callbacks(task: Task, result: Result[Any] | None = None) -> None:
+    """Run on_complete then on_failure for the task's Result (or one run's ``result``);
+    an exception is logged and changes nothing."""
     opts = task.opts
-    error = task.error
+    if result is None:
+        value, error = task.value, task.error
+    else:
+        value, error = result.value, result.error
     if opts.on_complete is not None:
         try:
-            opts.on_complete(task.id, task.value, error)  # type: ignore[arg-type]
+            opts.on_complete(task.id, value, error)  # type: ignore[arg-type]
         except BaseException:
             log.exception("on_complete callback of task %r raised", task.id)
     if error is not None and opts.on_failure is not None:

@@ -8,6 +8,7 @@ executors may call a ``concurrent.futures.Future``'s ``set_result``). The runtim
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,6 +49,10 @@ class TaskHost(Protocol):
 
     def _subscribe(self, task: Task) -> SimpleQueue[Result[Any]]:
         """A new queue that receives the Result."""
+        ...
+
+    def _results(self, task: Task, timeout: float | None) -> Iterator[Result[Any]]:
+        """The task's Results as they arrive (one per run), ending with the last."""
         ...
 
     def _future(self, task: Task) -> Future[Any]:

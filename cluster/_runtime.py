@@ -25,20 +25,29 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from . import _task
 from ._backend import Backend, join_threads
 from ._clock import Clock
-from ._core import DONE, REQUEUED, Lane, Scheduler, retry_delay
-from ._delivery import Runners, Signal, deliver_sinks, has_callbacks, run_callbacks
+from ._core import DONE, REQUEUED, RUN_ENDED, Lane, Scheduler, plan
+from ._delivery import (
+    Runners,
+    SeriesSink,
+    Signal,
+    deliver_sinks,
+    has_callbacks,
+    run_callbacks,
+)
 from ._errors import ClusterError, ClusterStoppedError, StopTimeoutError, TaskTimeoutError
 from ._service import Service
 from ._slots import Slot, ThreadPool
 from ._sync import MAX_WAIT, acquire_bounded, acquire_contended, wait_event
 from ._task import (
+    DEFAULT_OPTIONS,
     TERMINAL,
     ClusterStats,
     ExecutorStats,
@@ -47,6 +56,7 @@ from ._task import (
     Task,
     TaskContext,
     TaskInfo,
+    TaskState,
 )
 
 __all__ = ["ASYNC", "RESERVED", "THREADS", "Runtime", "current_runtime"]
@@ -213,9 +223,11 @@ class Runtime:
                 self._start_locked()
             if self.state == RUNNING:
                 self.state = STOPPING
+                # No series starts another run; UNLIMITED retries stop (SPEC §10, §11).
+                cancelled = self.sched.stop_series(self.monotonic())
             if cancel_pending and self.state == STOPPING:
                 self.sched.retries_allowed = False
-                cancelled = self.sched.cancel_all("shutdown", self.monotonic(), False)
+                cancelled += self.sched.cancel_all("shutdown", self.monotonic(), False)
             if self.state == STOPPING:
                 self._wake_all_locked()
         if state == TERMINATED:  # stopped, cancelled, or inherited by a forked child
@@ -329,10 +341,12 @@ class Runtime:
             if self.state != RUNNING:
                 return
             self.state = STOPPING
-            if not self.unsettled:
+            done = self.sched.stop_series(self.monotonic())
+            if not self.unsettled - len(done):
                 self.state = TERMINATED
             self._wake_all_locked()
             self.service.wake_locked()
+        self.deliver_all(done)
 
     def _wake_all_locked(self) -> None:
         for backend in self.backends.values():
@@ -482,27 +496,43 @@ class Runtime:
         """See ``Cluster.info``."""
         with self.lock:
             task = self.sched.lookup(task_id, self.monotonic())
-            to_date = self.clock.to_date
-            info = TaskInfo(
-                id=task_id,
-                state=task.state,
-                priority=task.priority,
-                attempts=task.attempts,
-                submitted_at=to_date(task.submitted_at),
-                started_at=None if task.started_at is None else to_date(task.started_at),
-                finished_at=None if task.finished_at is None else to_date(task.finished_at),
-                error=task.error,
-                progress=task.progress,
-                start_at=to_date(task.start),  # type: ignore[arg-type]
-                retries=task.opts.retries,
-                value=task.value,
-            )
+            info = self._info_locked(task)
             dead = self.sched.graveyard
             if dead:
                 self.sched.graveyard = []
         if dead:
             self.bury(dead)
         return info
+
+    def _info_locked(self, task: Task) -> TaskInfo:
+        to_date = self.clock.to_date
+        state = task.state
+        opts = task.opts
+        series = opts.series
+        if opts is not DEFAULT_OPTIONS:
+            last_error = opts.last_error
+        else:
+            last_error = task.error if state in (TaskState.FAILED, TaskState.TIMED_OUT) else None
+        started = 1 if task.attempts else 0
+        waiting = state is TaskState.DELAYED or state is TaskState.PENDING
+        return TaskInfo(
+            id=task.id,  # type: ignore[arg-type]
+            state=state,
+            priority=task.priority,
+            attempts=task.attempts,
+            submitted_at=to_date(task.submitted_at),
+            started_at=None if task.started_at is None else to_date(task.started_at),
+            finished_at=None if task.finished_at is None else to_date(task.finished_at),
+            error=task.error,
+            progress=task.progress,
+            start_at=to_date(task.start),  # type: ignore[arg-type]
+            retries=opts.retries,
+            value=task.value,
+            last_error=last_error,
+            next_attempt_at=to_date(task.start) if state is TaskState.RETRYING else None,  # type: ignore[arg-type]
+            runs=started if series is None else series.run + started,
+            next_run_at=to_date(task.start) if series is not None and waiting else None,  # type: ignore[arg-type]
+        )
 
     def stats(self) -> ClusterStats:
         """See ``Cluster.stats``."""
@@ -574,6 +604,24 @@ class Runtime:
         future.add_done_callback(lambda f: self._cancel(task) if f.cancelled() else None)
         return future
 
+    def _results(self, task: Task, timeout: float | None) -> Iterator[Result[Any]]:
+        sink = SeriesSink()
+        with self.lock:
+            terminal = task.state in TERMINAL
+            if not terminal:
+                self._add_sink_locked(task, sink)
+        if terminal:
+            yield task.result()
+            return
+        while True:
+            try:
+                result, last = sink.queue.get(timeout=timeout)
+            except Empty:
+                raise TimeoutError(f"no Result of task {task.id!r} within {timeout}s") from None
+            yield result
+            if last:
+                return
+
     @staticmethod
     def _add_sink_locked(task: Task, sink: Sink) -> None:
         if task.sinks is None:
@@ -612,14 +660,20 @@ class Runtime:
         error = TaskTimeoutError(
             f"task {task.id!r} attempt {ctx.attempt} timed out after {task.opts.timeout}s"
         )
-        delay = None
-        if task.attempts <= task.opts.retries:
-            delay = retry_delay(task, error, self.sched.rng)  # user code: no lock held
+        sched = self.sched
+        # User code (retry predicate, backoff): no lock held.
+        decision, rearm = plan(
+            task, ctx, error, sched.rng, not sched.runs_allowed, self.monotonic(), self.clock
+        )
+        run_ended = None
         with self.lock:
-            code = self.sched.fail_detached(ctx, error, delay, self.monotonic())
-            if code == REQUEUED and self.state == RUNNING:
-                task.lane.backend.queued_locked(task, False)  # type: ignore[union-attr]
-            elif code == DONE and self.sched.expiry_armed:
+            code = sched.fail_detached(ctx, error, decision, self.monotonic(), rearm)
+            if code in (REQUEUED, RUN_ENDED):
+                if code == RUN_ENDED:
+                    run_ended = self.deliver_run_locked(task)
+                if self.state == RUNNING:
+                    task.lane.backend.queued_locked(task, task.state is TaskState.PENDING)  # type: ignore[union-attr]
+            elif code == DONE and sched.expiry_armed:
                 self.arm_expiry_locked()
         if code == DONE:
             deliver_sinks(task)
@@ -627,6 +681,8 @@ class Runtime:
                 self.settle_locked(1)
             run_callbacks(task)
             task.release()
+        elif run_ended is not None:
+            run_callbacks(task, run_ended)
 
     # ------------------------------------------------------------------ delivery
 
@@ -643,6 +699,20 @@ class Runtime:
                     self._settled.notify_all()
         if has_callbacks(task):
             run_callbacks(task)
+
+    def deliver_run_locked(self, task: Task) -> Result[Any] | None:
+        """A run of a repeating task ended (RUN_ENDED): hand its Result to the subscriber
+        queues now, under the lock (a queue's put runs no user code, and the next run
+        cannot start before the lock is released, so runs reach each queue in order).
+        Returns the Result if the task has callbacks to run with it, outside the lock."""
+        result: Result[Any] = self.sched.run_result  # type: ignore[assignment]
+        self.sched.run_result = None
+        for sink in task.sinks or ():
+            if type(sink) is SimpleQueue:
+                sink.put(result)
+            elif type(sink) is SeriesSink:
+                sink.queue.put((result, False))
+        return result if has_callbacks(task) else None
 
     def deliver_all(self, tasks: list[Task]) -> None:
         """Deliver tasks ended by a thread that must not run callbacks (the caller of

@@ -19,6 +19,7 @@ runs it in the slot's own child process. Everything else is this one loop:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -27,10 +28,11 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from ._backend import Backend, join_threads
-from ._core import DONE, REQUEUED, SLEEP, Lane, Scheduler, retry_delay
-from ._delivery import has_callbacks
-from ._sync import MAX_WAIT, acquire_contended, wait_event
-from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Task, TaskContext
+from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, Lane, Scheduler, plan
+from ._delivery import has_callbacks, run_callbacks
+from ._policy import Decision
+from ._sync import MAX_WAIT, acquire_contended
+from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Result, Task, TaskContext
 from ._validate import integer
 
 __all__ = ["Slot", "SlotPool", "ThreadPool"]
@@ -63,11 +65,13 @@ def _drop_frame(error: BaseException) -> None:
 class Slot:
     """One slot thread's wake-up channel and bookkeeping (guarded by the cluster lock)."""
 
-    __slots__ = ("backend", "idle", "owed", "thread", "wake")
+    __slots__ = ("backend", "idle", "owed", "poke", "thread", "wake")
 
     def __init__(self, backend: SlotPool) -> None:
         self.backend = backend
         self.wake: SimpleQueue[None] = SimpleQueue()  # a token wakes the slot
+        #: Puts a token (safe under the lock: no user code, never blocks).
+        self.poke = functools.partial(self.wake.put, None)
         self.idle = False  # in the pool's idle list
         # True while this slot serves a terminal task's sinks outside the lock;
         # stop() waits for it. Written by the slot alone; cleared before the
@@ -87,6 +91,7 @@ class SlotPool(Backend):
         self._idle: list[Slot] = []  # idle slots, most recently idle last
         self._timekeeper: Slot | None = None  # the idle slot waiting for the next start
         self._timer_target = math.inf  # when the timekeeper wakes by itself
+        self._sleepers: set[Slot] = set()  # slots sleeping an IMMEDIATE retry's backoff
 
     @property
     def capacity(self) -> int:
@@ -126,6 +131,12 @@ class SlotPool(Backend):
             slot.wake.put(None)
         self._idle.clear()
 
+    def clock_jumped_locked(self) -> None:
+        """A fake clock moved: the timekeeper re-plans, backoff sleepers look again."""
+        self._wake_timekeeper_locked()
+        for slot in self._sleepers:
+            slot.poke()
+
     def owed_locked(self) -> bool:
         """A slot is delivering a Result outside the lock."""
         return any(slot.owed for slot in self._pool)
@@ -140,6 +151,7 @@ class SlotPool(Backend):
         """After fork: the child has none of the slot threads."""
         self._pool.clear()
         self._idle.clear()
+        self._sleepers.clear()
         self._timekeeper = None
         self._timer_target = math.inf
 
@@ -239,15 +251,18 @@ class SlotPool(Backend):
         run = self._runner()
         kills = self.kills
         bury = rt.bury
+        rt_clock = rt.clock
         task: Task | None = None  # the task whose attempt this slot runs / just ran
         ctx: TaskContext | None = None
         value: Any = None
         error: BaseException | None = None
-        delay: float | None = None
+        decision: Decision | None = None  # the retry policy's answer for error
+        rearm: float | None = None  # a repeating task's next run, if this run ended
         ran = False  # task's attempt just returned and is not yet recorded
         sleeping: TaskContext | None = None  # an IMMEDIATE retry's context
         while True:
             finished: Task | None = None  # made terminal here: delivered/released outside
+            run_ended: Result[Any] | None = None  # a run of a series ended: its callbacks
             deliver = False
             nxt: Task | None = None
             action = _RUN
@@ -265,7 +280,7 @@ class SlotPool(Backend):
                     self._timer_target = math.inf
                 if ran:
                     ran = False
-                    code = sched.finish(task, ctx, value, error, delay, now)  # type: ignore[arg-type]
+                    code = sched.finish(task, ctx, value, error, decision, now, rearm)  # type: ignore[arg-type]
                     if code == DONE:
                         rt.settle_locked(1)
                         finished = task
@@ -278,6 +293,12 @@ class SlotPool(Backend):
                                 rt.arm_expiry_locked()
                     elif code == SLEEP:
                         sleeping = task.ctx  # type: ignore[union-attr]
+                        sleeping._hook = me.poke  # type: ignore[union-attr]  # cancel/stop wake it
+                        self._sleepers.add(me)
+                    elif code == RUN_ENDED:
+                        run_ended = rt.deliver_run_locked(task)  # type: ignore[arg-type]
+                        if task.start > now and task.start < self._timer_target:  # type: ignore[union-attr,operator]
+                            self._wake_timekeeper_locked()
                     elif code == REQUEUED:
                         if task.start < self._timer_target:  # type: ignore[union-attr,operator]
                             self._wake_timekeeper_locked()
@@ -286,6 +307,7 @@ class SlotPool(Backend):
                         action = _EXIT
                     # (STALE on a killing backend: the slot already recovered; go on.)
                 elif sleeping is not None:  # the backoff is over (or was cut short)
+                    self._sleepers.discard(me)
                     if sched.resume(task, sleeping, now):  # type: ignore[arg-type]
                         nxt = task
                         fresh_ctx: TaskContext = task.ctx  # type: ignore[union-attr,assignment]
@@ -331,12 +353,23 @@ class SlotPool(Backend):
                 finished.args = ()
                 finished.kwargs = _NO_KWARGS
                 finished = None
+            elif run_ended is not None:
+                run_callbacks(task, run_ended)  # type: ignore[arg-type]
+                run_ended = None
             if action == _RUN:
                 task = nxt
                 nxt = None
                 ctx = task.ctx  # type: ignore[union-attr]
-            elif action == _BACKOFF:
-                wait_event(sleeping.cancelled, timeout_of(max(0.0, task.start - clock())))  # type: ignore[union-attr,operator]
+            elif action == _BACKOFF:  # woken early by cancel, stop or a fake clock's jump
+                while sleeping._reason is None:  # type: ignore[union-attr]
+                    remaining = task.start - clock()  # type: ignore[union-attr,operator]
+                    if remaining <= 0:
+                        break
+                    wait = timeout_of(remaining)
+                    try:  # noqa: SIM105
+                        me.wake.get(timeout=None if wait is None else min(wait, MAX_WAIT))
+                    except Empty:
+                        pass
                 continue
             else:
                 task = ctx = None  # hold no references while idle
@@ -363,9 +396,13 @@ class SlotPool(Backend):
                 _drop_frame(exc)
             finally:
                 current.reset(token)
-            delay = None
-            if error is not None and task.attempts <= task.opts.retries:  # type: ignore[union-attr]
-                delay = retry_delay(task, error, sched.rng)  # type: ignore[arg-type]
+            decision = rearm = None
+            opts = task.opts  # type: ignore[union-attr]
+            if opts is not DEFAULT_OPTIONS and (error is not None or opts.repeat is not None):
+                opts = None  # (no local may keep a task's state alive while idle)
+                stopping = not sched.runs_allowed
+                decision, rearm = plan(task, ctx, error, sched.rng, stopping, clock(), rt_clock)  # type: ignore[arg-type]
+            opts = None
             ran = True
 
 

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from ._backoff import FixedBackoff, RetryMode
 from ._errors import TaskCancelledError, TaskTimeoutError
+from ._policy import RetryCounts, RetryPolicy, RetryRule
 
 if TYPE_CHECKING:
     from ._core import Lane
+    from ._repeat import Repeat
 
 T = TypeVar("T")
 
@@ -65,10 +67,13 @@ _PENDING = TaskState.PENDING  # a module constant: Enum member lookup is slow
 
 @dataclass(frozen=True, slots=True)
 class Result(Generic[T]):
-    """The terminal outcome of a task: its value, or the error that ended it."""
+    """The terminal outcome of a task (or of one run of a repeating task): its value,
+    or the error that ended it. ``run`` is the 0-based count of runs started before
+    it (0 for a task that does not repeat)."""
 
     value: T | None = None
     error: BaseException | None = None
+    run: int = 0
 
     @property
     def ok(self) -> bool:
@@ -98,6 +103,16 @@ class TaskInfo:
     start_at: datetime  #: when the task (or its pending retry) becomes due
     retries: int  #: the retry budget set with ``with_retry``
     value: Any = None
+    #: The error of the latest failed attempt (also while a retry waits, and kept
+    #: after a later success), or None.
+    last_error: BaseException | None = None
+    #: When a waiting retry is due, or None.
+    next_attempt_at: datetime | None = None
+    runs: int = 0  #: runs started (a repeating task; 1 once a plain task started)
+    next_run_at: datetime | None = None  #: a repeating task's next run, or None
+    name: str = ""  #: the task's type name (``with_name``; default: the function's)
+    tags: tuple[str, ...] = ()  #: ``with_tags``
+    key: str | None = None  #: ``with_key``
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,29 +148,44 @@ class Options:
 
     __slots__ = (
         "backoff",
+        "counts",
         "jitter",
+        "last_error",
         "on_complete",
         "on_failure",
+        "policy",
+        "repeat",
         "retries",
         "retry_if",
         "retry_mode",
+        "rules",
+        "series",
         "timeout",
         "ttl",
+        "unlimited",
     )
 
     def __init__(self) -> None:
         self.timeout: float | None = None
-        self.retries = 0
+        self.retries = 0  #: the default rule's budget (``with_retry``); UNLIMITED is -1
         self.backoff: Callable[[int], float] = FixedBackoff(0)
         self.jitter = 0.0
         self.retry_if: Callable[[BaseException], object] | None = None
         self.retry_mode = RetryMode.REQUEUE
+        self.rules: tuple[RetryRule, ...] = ()  #: ``with_retry_rule``, in order
         self.ttl: float | None = None  #: None: purge once delivered
         self.on_complete: CompleteCallback | None = None
         self.on_failure: FailureCallback | None = None
+        self.repeat: Repeat | None = None  #: ``repeat(...)``
+        # ---- per-task state (a task with any of it has private Options) ----
+        self.policy: RetryPolicy | None = None  # built from the above on first failure
+        self.counts: RetryCounts | None = None  # consecutive failures per rule
+        self.unlimited = False  # the pending retry came from an UNLIMITED budget
+        self.last_error: BaseException | None = None  # of the latest failed attempt
+        self.series: Series | None = None  # a repeating task's runs
 
     def copy(self) -> Options:
-        """A private copy for a builder to change."""
+        """A private copy for a builder to change (per-task state starts afresh)."""
         new = Options.__new__(Options)
         new.timeout = self.timeout
         new.retries = self.retries
@@ -163,15 +193,48 @@ class Options:
         new.jitter = self.jitter
         new.retry_if = self.retry_if
         new.retry_mode = self.retry_mode
+        new.rules = self.rules
         new.ttl = self.ttl
         new.on_complete = self.on_complete
         new.on_failure = self.on_failure
+        new.repeat = self.repeat
+        new.policy = None
+        new.counts = None
+        new.unlimited = False
+        new.last_error = None
+        new.series = None
         return new
+
+    def retry_policy(self) -> RetryPolicy | None:
+        """The retry policy, or None when nothing may ever be retried (no user code
+        then runs on a failure). Built once, outside any lock, on first use."""
+        policy = self.policy
+        if policy is None and (self.retries or self.rules):
+            policy = self.policy = RetryPolicy(
+                retries=self.retries,
+                rules=self.rules,
+                backoff=self.backoff,
+                jitter=self.jitter,
+                predicate=self.retry_if,
+            )
+        return policy
+
+
+class Series:
+    """A repeating task's runs (SPEC §11); guarded by the cluster lock."""
+
+    __slots__ = ("first", "last_due", "run")
+
+    def __init__(self, first: float) -> None:
+        self.first = first  #: when run 0 was due (monotonic): the grid's origin
+        self.last_due = first  #: when the current (or latest) run was due
+        self.run = 0  #: runs started before the current one
 
 
 _new = object.__new__
 _set_value = Result.__dict__["value"].__set__
 _set_error = Result.__dict__["error"].__set__
+_set_run = Result.__dict__["run"].__set__
 
 DEFAULT_OPTIONS = Options()
 _NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
@@ -281,6 +344,8 @@ class Task:
         result: Result[Any] = _new(Result)
         _set_value(result, self.value)
         _set_error(result, self.error)
+        series = self.opts.series
+        _set_run(result, 0 if series is None else series.run)
         return result
 
     def __repr__(self) -> str:
@@ -294,6 +359,7 @@ class TaskContext:
         "_event",
         "_hook",
         "_reason",
+        "_reset",
         "_task",
         "_worker",
         "attempt",
@@ -312,6 +378,7 @@ class TaskContext:
         # Called (under the cluster lock; it must not block) when the attempt is
         # signalled: how the event loop learns to cancel a coroutine.
         self._hook: Callable[[], object] | None = None
+        self._reset = False  # reset_backoff() was called during this attempt
 
     @property
     def cancelled(self) -> threading.Event:
@@ -345,6 +412,11 @@ class TaskContext:
         task = self._task
         if task is not None:
             task.progress = value
+
+    def reset_backoff(self) -> None:
+        """This attempt made progress: if it fails, the next retry's backoff starts again
+        at ``n = 0`` and every retry rule's consecutive count restarts at 0."""
+        self._reset = True
 
     def signal(self, reason: str) -> None:
         """Mark the attempt as ended by ``reason`` and set its event (internal)."""

@@ -51,7 +51,8 @@ class _Unlimited(int):
 
 
 #: A retry count meaning "retry until the task succeeds, is cancelled, the cluster
-#: stops, or an error is final" (``with_retry(UNLIMITED)``). It is ``-1``.
+#: stops, or an error is final" (``with_retry(UNLIMITED)``). An int equal to -1,
+#: but only this object means unlimited: a plain negative count is a ValueError.
 UNLIMITED: int = _Unlimited(-1)
 
 
@@ -61,9 +62,7 @@ def retries(value: object, name: str) -> int:
         return value
     if isinstance(value, _Unlimited):
         return UNLIMITED
-    count = integer(value, name)
-    if count == -1:
-        return UNLIMITED
+    count = integer(value, name)  # a plain -1 is not UNLIMITED: say what you mean
     if count < 0:
         raise ValueError(f"{name} must be >= 0 or UNLIMITED, got {count}")
     return count

@@ -67,7 +67,7 @@ def use_saved_context() -> bool:
 def events() -> str:
     ctx = current()
     ctx.progress(1)
-    ctx.reset_backoff()  # type: ignore[attr-defined]  # the lead adds it to TaskContext
+    ctx.reset_backoff()  # the lead adds it to TaskContext
     ctx.progress({"step": 2})
     ctx.progress(3)
     return "done"

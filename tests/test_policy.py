@@ -130,9 +130,11 @@ def test_make_rule_default_backoff_is_none_meaning_the_tasks() -> None:
     assert rule(Net).backoff is None
 
 
-def test_make_rule_accepts_unlimited_and_minus_one_as_unlimited() -> None:
-    assert rule(Net, retries=UNLIMITED).retries == UNLIMITED
-    assert rule(Net, retries=-1).retries is UNLIMITED
+def test_make_rule_accepts_unlimited_but_not_a_plain_minus_one() -> None:
+    # SPEC §3 pins with_retry(-1) as a ValueError; only the UNLIMITED object means it.
+    assert rule(Net, retries=UNLIMITED).retries is UNLIMITED
+    with pytest.raises(ValueError, match="UNLIMITED"):
+        rule(Net, retries=-1)
 
 
 def test_make_rule_needs_at_least_one_error() -> None:
