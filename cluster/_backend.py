@@ -95,6 +95,10 @@ class Backend:
         lock (``stop()`` waits for that, so that every subscriber has its Result)."""
         return False
 
+    def calling_locked(self) -> bool:
+        """True while one of its threads runs a settled task's callbacks inline."""
+        return False
+
     def join(self, deadline: float | None) -> int:
         """Wait until its threads exit, at most until ``deadline`` (monotonic);
         return how many are still alive."""

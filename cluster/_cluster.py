@@ -189,6 +189,15 @@ class Cluster:
         """Counters since creation and gauges of the present moment (also per executor)."""
         return self._rt.stats()
 
+    def wait_idle(self, timeout: Duration | None = None) -> bool:
+        """Block until the cluster has nothing to do now: no task running, none due, no
+        Result or callback still being delivered (a task waiting for its start time,
+        a retry's backoff or a series' next run does not count). False if
+        ``timeout`` (real seconds) passed first. With a ``FakeClock``, call it after
+        each ``advance()``."""
+        limit = None if timeout is None else seconds(timeout, "timeout")
+        return self._rt.wait_idle(limit)
+
     # ------------------------------------------------------------------ background operations
 
     def intermittent(self, start: Callable[[], Callable[[], object] | None]) -> Intermittent:

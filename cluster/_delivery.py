@@ -190,6 +190,10 @@ class Runners:
         """The runner threads (for joining)."""
         return [r.thread for r in self._runners if r.thread is not None]
 
+    def busy_locked(self) -> bool:
+        """Are jobs waiting, or is a runner inside one?"""
+        return bool(self._jobs) or any(r.busy_since is not None for r in self._runners)
+
     def pending_locked(self) -> int:
         """Jobs not yet taken."""
         return len(self._jobs)

@@ -71,6 +71,11 @@ RESERVED = frozenset({THREADS, ASYNC})
 #: (a KeyboardInterrupt between a hot path's acquire and its ``try``).
 LOCK_GIVE_UP = 5.0
 
+#: How often ``wait_idle`` looks again: first after this, then twice as long each
+#: time, up to ``IDLE_POLL_MAX``.
+IDLE_POLL_MIN = 0.00005
+IDLE_POLL_MAX = 0.005
+
 #: How long past a stop's deadline its join still waits for threads that are exiting.
 JOIN_GRACE = 0.25
 
@@ -698,7 +703,47 @@ class Runtime:
                 with self.lock:
                     self._settled.notify_all()
         if has_callbacks(task):
-            run_callbacks(task)
+            slot.calling = True  # (wait_idle looks; written by this slot alone)
+            try:
+                run_callbacks(task)
+            finally:
+                slot.calling = False
+
+    # ------------------------------------------------------------------ idleness
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """See ``Cluster.wait_idle``: False if ``timeout`` (real seconds) passed first."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = IDLE_POLL_MIN
+        with self.lock:
+            while self._busy_locked():
+                wait = pause
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return False
+                # Looked at again and again (50 µs, doubling to 5 ms) rather than
+                # notified on every transition: only a waiting test pays for it.
+                self._settled.wait(wait)
+                pause = min(pause * 2, IDLE_POLL_MAX)
+            return True
+
+    def _busy_locked(self) -> bool:
+        """Is anything running, due, being settled or delivered, or calling back?"""
+        sched = self.sched
+        now = self.monotonic()
+        for lane in sched.lanes:
+            if lane.running or lane.queued:
+                return True
+            due = sched.next_due(lane)
+            if due is not None and due <= now:
+                return True
+        for backend in self.backends.values():
+            if backend.owed_locked() or backend.calling_locked():
+                return True
+        return self.runners.busy_locked()
 
     def deliver_run_locked(self, task: Task) -> Result[Any] | None:
         """A run of a repeating task ended (RUN_ENDED): hand its Result to the subscriber

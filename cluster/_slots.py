@@ -65,7 +65,7 @@ def _drop_frame(error: BaseException) -> None:
 class Slot:
     """One slot thread's wake-up channel and bookkeeping (guarded by the cluster lock)."""
 
-    __slots__ = ("backend", "idle", "owed", "poke", "thread", "wake")
+    __slots__ = ("backend", "calling", "idle", "owed", "poke", "thread", "wake")
 
     def __init__(self, backend: SlotPool) -> None:
         self.backend = backend
@@ -77,6 +77,7 @@ class Slot:
         # stop() waits for it. Written by the slot alone; cleared before the
         # task's callbacks run and before the next attempt starts.
         self.owed = False
+        self.calling = False  # inside a settled task's callbacks (written by the slot)
         self.thread: threading.Thread | None = None
 
 
@@ -140,6 +141,10 @@ class SlotPool(Backend):
     def owed_locked(self) -> bool:
         """A slot is delivering a Result outside the lock."""
         return any(slot.owed for slot in self._pool)
+
+    def calling_locked(self) -> bool:
+        """A slot runs callbacks (of a task it settled, or of a series' run)."""
+        return any(slot.calling for slot in self._pool)
 
     def join(self, deadline: float | None) -> int:
         """Join the slot threads (not the abandoned ones) until ``deadline``."""
@@ -354,7 +359,11 @@ class SlotPool(Backend):
                 finished.kwargs = _NO_KWARGS
                 finished = None
             elif run_ended is not None:
-                run_callbacks(task, run_ended)  # type: ignore[arg-type]
+                me.calling = True
+                try:
+                    run_callbacks(task, run_ended)  # type: ignore[arg-type]
+                finally:
+                    me.calling = False
                 run_ended = None
             if action == _RUN:
                 task = nxt
