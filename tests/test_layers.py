@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "_builder": 4,
     "_cluster": 4,
     "_background": 5,
+    "testing": 5,
     "cli": 5,
     "__main__": 5,
 }
