@@ -28,6 +28,7 @@ from ._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from ._futures import Executor, as_completed
 from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
 from ._validate import UNLIMITED
 
@@ -38,6 +39,7 @@ __all__ = [
     "ClusterStats",
     "ClusterStoppedError",
     "DuplicateTaskError",
+    "Executor",
     "ExponentialBackoff",
     "FixedBackoff",
     "LinearBackoff",
@@ -57,5 +59,6 @@ __all__ = [
     "TaskState",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "as_completed",
     "current",
 ]
