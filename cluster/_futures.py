@@ -176,12 +176,13 @@ class _State:
 
     ``queue`` needs no lock (each deque operation is atomic). ``lock`` guards
     ``drainers`` and ``stopping``; it is never held while calling into the cluster or
-    into user code. ``closed`` is written only while ``lock`` is held, and read
-    without it by ``submit`` (see the module docstring).
+    into user code. ``closed`` and ``cancelling`` are written only while ``lock`` is
+    held, and read without it by ``submit`` (see the module docstring).
     """
 
     __slots__ = (
         "__weakref__",
+        "cancelling",
         "closed",
         "cluster",
         "drainers",
@@ -200,6 +201,7 @@ class _State:
         self.drainers = 0  # drainer tasks submitted and not yet retired
         self.stopping = False  # the cluster was told to stop
         self.closed: str | None = None  # why submit() refuses work, once it does
+        self.cancelling = False  # shutdown(cancel_futures=True) was called
 
     # -- submission -------------------------------------------------------------
 
@@ -207,18 +209,28 @@ class _State:
         """The slow path of a submit, after ``call`` was appended: start a drainer if a
         slot is free, or, if the executor closed meanwhile, take the call back.
 
-        Raises RuntimeError if the call was taken back (it will never run).
+        Raises RuntimeError if the call was taken back because the executor closed
+        (or its cluster stopped), and whatever starting a drainer raised otherwise; a
+        call that is taken back never runs. If a drainer took the call first, it runs,
+        and the submit succeeds.
         """
+        error: BaseException | None = None
         if self.closed is None:
             try:
                 self.spawn()
                 return
-            except ClusterStoppedError:  # the cluster is stopping: the call may be stranded
+            except ClusterStoppedError:  # stopped behind our back: the call would strand
                 pass
+            except BaseException as exc:  # e.g. a thread that could not start
+                error = exc
         try:
             self.queue.remove(call)
         except ValueError:  # already taken: a drainer runs it, or shutdown cancelled it
+            if self.cancelling:  # cancel_futures: unless it has started, it never will
+                _cancel_taken(call)
             return
+        if error is not None:
+            raise error
         raise RuntimeError(self.closed or _SHUTDOWN)
 
     def spawn(self) -> None:
@@ -315,11 +327,14 @@ class _State:
 
     # -- shutdown -------------------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Refuse new work from now on (the first reason given is the one reported)."""
+    def close(self, reason: str, *, cancel: bool = False) -> None:
+        """Refuse new work from now on (the first reason given is the one reported);
+        ``cancel``: what has not started is being cancelled."""
         with self.lock:
             if self.closed is None:
                 self.closed = reason
+            if cancel:
+                self.cancelling = True
 
     def cancel_queued(self) -> None:
         """Cancel every call that has not started (``shutdown(cancel_futures=True)``)."""
@@ -364,6 +379,16 @@ class _State:
         self.stopping = True
         if self.closed is None:
             self.closed = _FORKED
+
+
+def _cancel_taken(call: _Call) -> None:
+    """Cancel a call that a drainer may have taken but not started yet (the drainer's
+    ``set_running_or_notify_cancel()`` then tells the waiters)."""
+    future, _fn, args, _kwargs = call
+    if isinstance(future, _MapRun):
+        future.cancel(args[0])
+    else:
+        future.cancel()
 
 
 class Executor(_BaseExecutor):
@@ -472,7 +497,7 @@ class Executor(_BaseExecutor):
         to call several times.
         """
         state = self._state
-        state.close(_SHUTDOWN)
+        state.close(_SHUTDOWN, cancel=cancel_futures)
         if cancel_futures:
             state.cancel_queued()
         if wait:
