@@ -37,8 +37,8 @@ outcomes in a list, in order.
 At interpreter exit, ``ThreadPoolExecutor`` joins its threads, so every queued call
 still runs. The cluster's own exit hook cancels whatever is left, so this module
 registers a hook of its own that stops each live executor's cluster gracefully
-first (``threading`` runs these hooks last registered first, and this module is
-imported after ``_cluster``).
+first: ``threading`` runs these hooks last registered first, and this module imports
+``_cluster`` (which registers its hook) before it registers its own.
 """
 
 from __future__ import annotations

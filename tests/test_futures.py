@@ -632,6 +632,35 @@ def test_submit_from_an_exit_hook_raises_runtime_error() -> None:
     )
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_in_a_forked_child_submit_raises_runtime_error() -> None:
+    proc = run_script(
+        """
+        import os
+        import cluster
+
+        ex = cluster.Executor(2)
+        assert ex.submit(pow, 2, 3).result() == 8
+        pid = os.fork()
+        if pid == 0:  # the child has none of the parent's threads
+            try:
+                ex.submit(pow, 2, 3)
+            except RuntimeError as exc:
+                print("child:", exc, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent:", ex.submit(pow, 2, 4).result(), flush=True)
+        ex.shutdown()
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "child: cannot schedule new futures in a forked child process",
+        "parent: 16",
+    ]
+
+
 # ============================================================================ references
 
 
@@ -1231,3 +1260,19 @@ def test_a_task_ending_after_its_loop_closed_logs_nothing(
         assert handle.result(WAIT) == "value"
         c.stop()  # every delivery and callback has run
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ============================================================================ benchmark
+
+
+def test_the_benchmark_prints_both_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    if str(ROOT) not in sys.path:  # `benchmarks` lives beside `tests`, not in the package
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.futures import main
+
+    assert main(["--n", "500", "--repeats", "1"]) in (0, 1)  # 1: a ratio above target
+    out = capsys.readouterr().out
+    assert "n=500" in out
+    for scenario in ("submit", "map"):
+        line = next(line for line in out.splitlines() if line.startswith(scenario))
+        assert line.rstrip().endswith("x")
