@@ -36,9 +36,10 @@ outcomes in a list, in order.
 
 At interpreter exit, ``ThreadPoolExecutor`` joins its threads, so every queued call
 still runs. The cluster's own exit hook cancels whatever is left, so this module
-registers a hook of its own that stops each live executor's cluster gracefully
-first: ``threading`` runs these hooks last registered first, and this module imports
-``_cluster`` (which registers its hook) before it registers its own.
+registers a hook of its own, when the first Executor is made, that stops each live
+executor's cluster gracefully first (``threading`` runs these hooks last registered
+first). This module imports ``_cluster`` and ``_builder`` only where it uses them,
+so that ``_builder`` may import ``await_handle`` at its top.
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ from concurrent.futures import CancelledError, Future, _base
 from concurrent.futures import Executor as _BaseExecutor
 from datetime import timedelta
 from queue import Empty, SimpleQueue
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar
 
-from ._builder import TaskHandle
-from ._cluster import Cluster
 from ._errors import ClusterStoppedError
 from ._validate import integer
+
+if TYPE_CHECKING:  # imported where used: _builder may import this module first
+    from ._builder import TaskHandle
+    from ._cluster import Cluster
 
 __all__ = ["Executor", "as_completed", "await_handle"]
 
@@ -413,6 +416,9 @@ class Executor(_BaseExecutor):
                 raise ValueError("max_workers must be greater than 0")
         if "workers" in cluster_options:
             raise TypeError("Executor() takes max_workers, not workers")
+        from ._cluster import Cluster
+
+        _install_exit_hook()
         cluster = Cluster(workers=max_workers, **cluster_options)
         state = self._state = _State(cluster, max_workers)
         self._max_workers = max_workers
@@ -651,6 +657,8 @@ def as_completed(
     ends, the iterator raises TimeoutError. One queue is shared by all the handles;
     no thread is started.
     """
+    from ._builder import TaskHandle
+
     end = _deadline(timeout)
     unique: dict[TaskHandle[T], None] = {}
     for handle in handles:
@@ -772,11 +780,31 @@ def _after_fork_in_child() -> None:
         state.reset_in_child()
 
 
-try:
-    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
-except (AttributeError, RuntimeError):  # pragma: no cover - other interpreters
-    import atexit
+_hook_lock = threading.Lock()
+_hook_installed = False  # guarded by _hook_lock
 
-    atexit.register(_at_exit)
+
+def _install_exit_hook() -> None:
+    """Register ``_at_exit`` once, when the first Executor is made.
+
+    By then ``_cluster`` has registered its own hook, whatever the import order, and
+    ``threading`` runs these hooks last registered first: ours runs before the
+    cluster's cancels what is left.
+    """
+    global _hook_installed
+    with _hook_lock:
+        if _hook_installed:
+            return
+        _hook_installed = True
+    try:
+        threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+    except RuntimeError:  # the interpreter is already exiting
+        pass
+    except AttributeError:  # pragma: no cover - other interpreters
+        import atexit
+
+        atexit.register(_at_exit)
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
