@@ -31,6 +31,7 @@ from ._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from ._futures import Executor, as_completed
 from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
 from ._validate import UNLIMITED
 
@@ -55,6 +56,7 @@ __all__ = [
     "ClusterStats",
     "ClusterStoppedError",
     "DuplicateTaskError",
+    "Executor",
     "ExponentialBackoff",
     "FixedBackoff",
     "Intermittent",
@@ -78,5 +80,6 @@ __all__ = [
     "TaskState",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "as_completed",
     "current",
 ]
