@@ -1,4 +1,4 @@
-"""The durable journal of a cluster: one SQLite file, written through one group-commit thread.
+"""The durable journal of a cluster: one SQLite file, written with group commit.
 
 The cluster keeps every task in memory. This module only stores rows and reads them
 back: it knows nothing of the scheduler. A row is a task id, its submission order
@@ -11,7 +11,12 @@ File format (``PRAGMA application_id`` = ``APPLICATION_ID``, ``PRAGMA user_versi
     meta(key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)   -- value: JSON
 
 The journal runs in WAL mode with ``synchronous=FULL``: a commit is fsynced before
-``write()`` returns, so a ``kill -9`` or a power loss afterwards loses nothing.
+``write()`` returns, so a ``kill -9`` or a power loss afterwards loses nothing (if the
+disk keeps what fsync reported written).
+
+Group commit: a caller that finds the store idle commits its own change; changes
+handed over while a commit is in flight wait and go, all together, into the next
+transaction, which the writer thread runs (see ``SQLiteStore.write``).
 
 What ``open()`` accepts:
 
@@ -34,9 +39,10 @@ nothing: its ``write()``, ``load()`` and ``meta()`` raise ``RuntimeError``, and 
 ``close()`` does nothing. It never closes the inherited SQLite connection, since
 closing it in a child checkpoints and deletes the parent's write-ahead log.
 
-Locks: ``_cond`` guards the batch being filled and the closing flag (callers and the
-writer thread); ``_db_lock`` guards the connection and the committed meta cache (the
-writer thread during a commit, ``load()`` and ``meta()``). No code holds both.
+Locks: ``_cond`` guards the batch being filled, who commits, and the closing flag
+(callers and the writer thread); ``_db_lock`` guards the connection and the committed
+meta cache (whoever commits, ``load()`` and ``meta()``). No code holds both at once.
+``_lifecycle`` serialises ``open()`` and ``close()``.
 """
 
 from __future__ import annotations
@@ -85,11 +91,11 @@ _GATHER_FRACTION = 0.5
 class Row:
     """One task as stored: ``id`` (primary key), ``seq`` (submission order), ``state``, ``doc``.
 
-    ``doc`` must be a JSON object (a ``dict`` with ``str`` keys whose values are
-    ``dict``, ``list``, ``tuple``, ``str``, ``int``, finite ``float``, ``bool`` or
-    ``None``). It reads back as JSON does: a tuple becomes a list. ``NaN`` and
-    infinities are refused by ``write()`` (JSON has no such numbers): store ``None``
-    for "no time". The fields are checked by ``write()``, not here.
+    ``doc`` must be a JSON object: a ``dict`` of ``dict``, ``list``, ``tuple``, ``str``,
+    ``int``, finite ``float``, ``bool`` and ``None``. It reads back as JSON does: a
+    tuple becomes a list, a non-``str`` key a ``str``. ``NaN`` and infinities are
+    refused by ``write()`` (JSON has no such numbers): store ``None`` for "no time".
+    The fields are checked by ``write()``, not here (``load()`` makes many rows).
     """
 
     id: str
@@ -216,15 +222,33 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: ``Py_IncRef`` through ctypes, loaded by the first ``open()`` (not in a forked child).
+_incref: Callable[[object], None] | None = None
+_KEPT: list[object] = []  # where it is missing: kept alive as long as this module is
+
+
+def _load_incref() -> None:
+    global _incref
+    if _incref is None:
+        try:
+            import ctypes
+
+            function = ctypes.pythonapi.Py_IncRef
+            function.argtypes = [ctypes.py_object]
+            function.restype = None
+            _incref = function
+        except (ImportError, AttributeError):  # not CPython
+            _incref = _KEPT.append
+
+
 def _never_free(obj: object) -> None:
     """Keep ``obj`` alive until the process ends, past interpreter shutdown.
 
     Used in a forked child on the inherited connection: freeing it would run
     ``sqlite3_close``, which checkpoints and deletes the parent's write-ahead log.
     """
-    import ctypes
-
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    # A reference nothing drops, not even the interpreter's shutdown.
+    (_incref or _KEPT.append)(obj)
 
 
 # --- group commit -------------------------------------------------------------------
@@ -271,8 +295,10 @@ class SQLiteStore:
         text = os.fspath(path)
         if not isinstance(text, str):
             raise TypeError("path must name a file as str, not bytes")
-        if text in ("", ":memory:") or text.startswith("file:"):
+        if text in ("", ":memory:"):
             raise ValueError(f"path must name a file, got {text!r}")
+        if text.startswith("file:"):
+            raise ValueError(f"path must be a file path, not an SQLite URI: {text!r}")
         #: The path as given (error messages name it).
         self.path: pathlib.Path = pathlib.Path(text)
         self._pid = 0  # the process that opened the store; 0 while closed
@@ -290,6 +316,7 @@ class SQLiteStore:
         self._commit_time = 0.0  # seconds, a moving average of the last commits
         self._recent: set[int] = set()  # the caller threads of the last two commits
         self._previous: set[int] = set()  # those of the last one
+        self._peak = 0  # the most caller threads in one of the last two commits
         # Guards _conn's use and _meta, the committed meta values as JSON text.
         self._db_lock = threading.Lock()
         self._meta: dict[str, str] = {}
@@ -318,20 +345,28 @@ class SQLiteStore:
             _precheck(real, self._name)
             self._lock_path = real + ".lock"
             self._lock_fd = _acquire(self._lock_path, self._name)
+            self._pid = os.getpid()
+            _OPEN.add(self)  # from now on a forked child disowns what we hold
             try:
+                _load_incref()
                 version = _inspect(real, self._name)
                 conn = self._connect(real, version)
+                try:
+                    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                except BaseException:
+                    conn.close()
+                    raise
             except BaseException:
+                _OPEN.discard(self)
                 self._release()
+                self._pid = 0
                 raise
             self._conn = conn
-            self._pid = os.getpid()
             self._closing = self._committing = False
             self._batch = None
             self._commit_time = 0.0
-            self._recent, self._previous = set(), set()
-            self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            _OPEN.add(self)
+            self._recent, self._previous, self._peak = set(), set(), 0
+            self._meta = meta
             self._writer = threading.Thread(
                 target=self._run, name=f"cluster-store-writer {self.path.name}", daemon=True
             )
@@ -406,7 +441,7 @@ class SQLiteStore:
         """Every row, in ``(seq, id)`` order, with the unreadable ones aside (see ``Loaded``).
 
         Nothing is deleted: a bad row stays in the file. ``ValueError`` naming the path
-        if the file turns out to be damaged.
+        if the file turns out to be damaged, ``StoreError`` if it cannot be read.
         """
         conn = self._owned("load")
         # A load makes several containers per row, none in a cycle: with the collector
@@ -417,11 +452,15 @@ class SQLiteStore:
             with self._db_lock:
                 try:
                     raw = conn.execute(_SELECT_CHECKED).fetchall()
-                except sqlite3.OperationalError:  # an SQLite without JSON functions
-                    raw = [(*row, 0) for row in conn.execute(_SELECT)]
+                except sqlite3.OperationalError as exc:
+                    if "no such function" not in str(exc):
+                        raise
+                    raw = [(*row, 0) for row in conn.execute(_SELECT)]  # no JSON functions
                 meta = dict(self._meta)
             rows, bad = _decode_rows(raw)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:  # an I/O error
+            raise StoreError(f"cannot read store {self._name}: {exc}", path=self._name) from exc
+        except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
             raise ValueError(f"store {self._name} is damaged: {exc}") from exc
         finally:
             if gc_was_enabled:
@@ -466,10 +505,12 @@ class SQLiteStore:
         be in both. Calls are applied in the order they reach the store, so one thread's
         calls apply in call order. A meta value of ``None`` deletes the key.
 
-        Concurrent callers share commits (group commit): one writer thread commits, in
-        one transaction, everything handed to it since its last commit. If that commit
-        fails, every caller in it gets ``StoreWriteError`` and none of its changes are
-        applied; later writes work again once the cause is gone.
+        Concurrent callers share commits (group commit): while one commit is in flight,
+        the changes of every caller that comes meanwhile are merged, and the writer
+        thread commits them in one transaction when it ends. (A caller that finds the
+        store idle, and no other thread writing of late, commits in its own thread.) If
+        a commit fails, every caller in it gets ``StoreWriteError`` and none of its
+        changes are applied; later writes work again once the cause is gone.
 
         ``TypeError``/``ValueError`` naming the argument for a bad row or value (nothing
         is written then); ``RuntimeError`` if the store is not open, is closing, or was
@@ -498,9 +539,10 @@ class SQLiteStore:
                 batch.rows[id_] = None
             if meta_changes:
                 batch.meta.update(meta_changes)
-            if not self._committing and len(self._recent) <= 1:
-                # Nothing in flight, and no other thread wrote of late: commit here,
-                # sparing two thread switches. (Else the writer thread gathers callers.)
+            if not self._committing and self._peak <= 1:
+                # Nothing in flight, and no commit of late had callers from two threads:
+                # commit here, sparing two thread switches. (When threads write at once,
+                # the writer thread commits for them all, see _gather.)
                 self._committing = True
                 self._batch = None
                 inline = True
@@ -518,6 +560,8 @@ class SQLiteStore:
         else:
             waiter.acquire()  # released by the thread that commits the batch
         if batch.error is not None:
+            if inline and not isinstance(batch.error, Exception):
+                raise batch.error  # a KeyboardInterrupt during our own commit
             raise StoreWriteError(
                 f"store {self._name}: commit failed, nothing of it was written: {batch.error}",
                 path=self._name,
@@ -539,7 +583,11 @@ class SQLiteStore:
                     self._committing = True
                     try:
                         expected = len(self._recent)
-                        if len(self._batch.threads) < expected and not self._closing:
+                        if (
+                            self._peak > 1
+                            and len(self._batch.threads) < expected
+                            and not self._closing
+                        ):
                             self._gather(expected)
                     except BaseException:
                         self._committing = False
@@ -593,6 +641,7 @@ class SQLiteStore:
                 self._committing = False
                 self._commit_time += (elapsed - self._commit_time) / 8
                 self._recent = self._previous | batch.threads
+                self._peak = max(len(self._previous), len(batch.threads))
                 self._previous = batch.threads
                 if self._batch is not None or self._closing:
                     self._cond.notify_all()  # the writer thread, and close()
