@@ -899,8 +899,11 @@ def _inspect(real: str, name: str) -> int | None:
                 os.unlink(real + "-shm")
 
 
+_FOREIGN = -(2**40)  # what _version_of returns for another application's database
+
+
 def _version_of(conn: sqlite3.Connection) -> int | None:
-    """``user_version`` if the file is ours, ``None`` if it is an empty database, else -1."""
+    """``user_version`` if the file is ours, ``None`` for an empty database, else ``_FOREIGN``."""
     app = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if app == APPLICATION_ID:
@@ -910,14 +913,15 @@ def _version_of(conn: sqlite3.Connection) -> int | None:
     ).fetchone()
     if app == 0 and version == 0 and has_tables is None:
         return None
-    return -1
+    return _FOREIGN
 
 
 def _check_layout(conn: sqlite3.Connection, name: str) -> int | None:
+    """The file's format version (``None``: empty), after checking it is a sound store."""
     version = _version_of(conn)
     if version is None:
         return None
-    if version < 0:
+    if version == _FOREIGN:
         app = conn.execute("PRAGMA application_id").fetchone()[0]
         uv = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = [
@@ -938,8 +942,8 @@ def _check_layout(conn: sqlite3.Connection, name: str) -> int | None:
             f" (up to {FORMAT_VERSION}); upgrade cluster to open it"
         )
     layout = _LAYOUTS.get(version)
-    if layout is None:
-        raise ValueError(f"store {name} has unknown format version {version}")
+    if layout is None:  # a negative user_version
+        raise ValueError(f"store {name} has an unknown format version {version}")
     for table, columns in layout.items():
         found = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if found != columns:

@@ -764,6 +764,12 @@ def plant_newer(path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {FORMAT_VERSION + 1}")
 
 
+def plant_negative_version(path: Path) -> None:
+    make_store(path, rows=3)
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("PRAGMA user_version = -1")
+
+
 def plant_missing_table(path: Path) -> None:
     make_store(path, rows=3)
     with contextlib.closing(raw(path)) as conn:
@@ -781,6 +787,7 @@ REFUSED: dict[str, tuple[Callable[[Path], None], str]] = {
     "other-application-id": (plant_other_application, r"application_id 0x12345678"),
     "our-tables-no-id": (plant_same_tables_without_id, "another application"),
     "newer-version": (plant_newer, f"format version {FORMAT_VERSION + 1}, newer"),
+    "negative-version": (plant_negative_version, "unknown format version -1"),
     "missing-table": (plant_missing_table, "damaged.*table meta.*missing"),
 }
 
