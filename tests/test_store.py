@@ -699,6 +699,14 @@ def test_a_new_store_is_marked_with_its_application_id_and_version(tmp_path: Pat
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_commits_are_fsynced_write_ahead_log_commits(stores: OpenStore, tmp_path: Path) -> None:
+    store = stores(tmp_path / "t.db")
+    with store._db_lock:
+        assert store._conn is not None
+        assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
 def make_store(path: Path, rows: int = 300) -> None:
     store = SQLiteStore(path)
     store.open()
