@@ -244,6 +244,32 @@ def test_a_write_of_nothing_commits_nothing_and_returns(stores: OpenStore, tmp_p
     assert ids(store) == [] and store.meta() == {}
 
 
+def test_load_leaves_the_collector_as_it_found_it(stores: OpenStore, tmp_path: Path) -> None:
+    store = stores(tmp_path / "t.db")
+    store.write([row(f"r{i}", i) for i in range(100)])
+    assert gc.isenabled()
+    assert len(store.load().rows) == 100
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert len(store.load().rows) == 100
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_load_does_not_thaw_objects_the_program_froze(stores: OpenStore, tmp_path: Path) -> None:
+    store = stores(tmp_path / "t.db")
+    store.write([row("a")])
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        store.load()
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
