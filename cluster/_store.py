@@ -573,8 +573,9 @@ class SQLiteStore:
     def _run(self) -> None:
         """The writer thread: commit the batches callers leave to it, until closed and drained.
 
-        Callers leave a batch to this thread when a commit is in flight, or when other
-        threads wrote lately (then it gathers them into one commit, see ``_gather``).
+        Callers leave a batch to this thread when a commit is in flight, or when one of
+        the last two commits held callers from several threads: then it first gathers
+        the threads of those commits into this one (see ``_gather``).
         """
         try:
             while True:
