@@ -183,6 +183,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_upgrade_0_to_1
 
 
 def _create(conn: sqlite3.Connection) -> None:
+    """The tables of a new store, at ``FORMAT_VERSION``."""
     for statement in _SCHEMA_V1:
         conn.execute(statement)
 
@@ -216,6 +217,7 @@ _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    """``os.register_at_fork`` hook: the child owns none of its parent's stores."""
     for store in list(_OPEN):
         store._disown()
 
@@ -229,6 +231,7 @@ _KEPT: list[object] = []  # where it is missing: kept alive as long as this modu
 
 
 def _load_incref() -> None:
+    """Load ``_incref`` (ctypes is imported here, never in a forked child)."""
     global _incref
     if _incref is None:
         try:
@@ -805,6 +808,7 @@ def _precheck(real: str, name: str) -> None:
 
 
 def _size(path: str) -> int:
+    """The size of ``path`` in bytes, 0 if it does not exist."""
     try:
         return os.stat(path).st_size
     except OSError:
@@ -862,6 +866,7 @@ def _acquire(lock_path: str, name: str) -> int:
 
 
 def _read_pid(fd: int) -> int | None:
+    """The pid an owner wrote in the lock file, if it is there yet."""
     try:
         text = os.pread(fd, 32, 0).decode("ascii").strip()
         return int(text) if text else None
@@ -966,6 +971,7 @@ def _check_layout(conn: sqlite3.Connection, name: str) -> int | None:
 
 
 def _encode_puts(puts: Sequence[Row]) -> dict[str, _Put]:
+    """Check ``puts`` and encode each doc, in the caller's thread: id -> its last row."""
     if isinstance(puts, Row) or not isinstance(puts, Iterable):
         raise TypeError(f"puts must be a sequence of Row, got {type(puts).__name__}")
     out: dict[str, _Put] = {}
@@ -997,6 +1003,7 @@ def _encode_puts(puts: Sequence[Row]) -> dict[str, _Put]:
 
 
 def _check_text(value: object, name: str) -> None:
+    """``value`` must be a str that SQLite can store (UTF-8: no lone surrogate)."""
     if type(value) is not str:
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     try:
@@ -1006,6 +1013,7 @@ def _check_text(value: object, name: str) -> None:
 
 
 def _check_deletes(deletes: Sequence[str]) -> Sequence[str]:
+    """Check ``deletes`` (a sequence of str ids, not one str) and return it as a list."""
     if isinstance(deletes, (str, bytes)) or not isinstance(deletes, Iterable):
         raise TypeError(f"deletes must be a sequence of ids, got {type(deletes).__name__}")
     deletes = list(deletes)
@@ -1016,6 +1024,7 @@ def _check_deletes(deletes: Sequence[str]) -> Sequence[str]:
 
 
 def _encode_meta(meta: Mapping[str, Any] | None) -> dict[str, str | None]:
+    """Check ``meta`` and encode each value: key -> JSON text, or ``None`` to delete."""
     if meta is None:
         return {}
     if not isinstance(meta, Mapping):
@@ -1107,6 +1116,7 @@ def _decode_rows(raw: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[list[Row], 
 
 
 def _bad_columns(id_: object, seq: object, state: object, doc: object) -> BadRow:
+    """A ``BadRow`` for a row whose columns are not of their types (raw SQL wrote it)."""
     shown = id_ if type(id_) is str else repr(id_)
     problems = [
         what
