@@ -14,6 +14,9 @@ __all__ = [
     "RetryAfter",
     "StopRetrying",
     "StopTimeoutError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreWriteError",
     "TaskCancelledError",
     "TaskInterruptedError",
     "TaskNotFoundError",
@@ -118,3 +121,42 @@ class StopRetrying(ClusterError):
 
     The task fails with the cause (or with this error if it has none).
     """
+
+
+class StoreError(ClusterError):
+    """The durable store at ``path`` cannot be opened or written (an OS or SQLite failure).
+
+    A file that is not a store of this format raises ``ValueError`` instead.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), str(self), {"path": self.path}))
+
+
+class StoreLockedError(StoreError):
+    """Another owner holds the store: another process, or another store object in this one.
+
+    ``pid`` is the owner's process id when it could be read from the lock file, else ``None``.
+    """
+
+    def __init__(self, message: str, *, path: str, pid: int | None = None) -> None:
+        super().__init__(message, path=path)
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), str(self), {"path": self.path, "pid": self.pid}))
+
+
+class StoreWriteError(StoreError):
+    """A commit failed (disk full, I/O error, read-only file); none of its changes were applied.
+
+    The SQLite error is the ``__cause__``. Later writes may succeed once the cause is gone.
+    """
+
+
+def _rebuild(cls: type[StoreError], message: str, fields: dict[str, object]) -> StoreError:
+    return cls(message, **fields)  # type: ignore[arg-type]
