@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from queue import SimpleQueue
@@ -283,5 +285,45 @@ class TaskHandle(Generic[T]):
         """A concurrent.futures.Future of the value; cancelling it cancels the task."""
         return self._host._future(self._task)
 
+    def __await__(self) -> Generator[Any, None, T]:
+        """``await handle`` from any running event loop: the value, or the task's error.
+        Cancelling the awaiting coroutine does not cancel the task (``cancel()`` does)."""
+        return await_handle(self)
+
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id!r} {self._task.state.value}>"
+
+
+def await_handle(handle: TaskHandle[T]) -> Generator[Any, None, T]:
+    """``TaskHandle.__await__``: the task's value, or its error raised, in a coroutine.
+
+    Works from any running event loop. Cancelling the awaiting coroutine does not
+    cancel the task (``handle.cancel()`` does that): it waits on a future of its own
+    loop, which a done-callback on the task's future completes from the cluster.
+    A task that has already ended is not waited for at all.
+    """
+    if not handle.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        handle.future().add_done_callback(_Wake(loop, waiter))
+        yield from waiter
+    return handle.result()  # the task is terminal: its value, or its error raised
+
+
+class _Wake:
+    """A done-callback (on a cluster thread) that completes a loop future."""
+
+    __slots__ = ("loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
+        self.loop = loop
+        self.waiter = waiter
+
+    def __call__(self, _future: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self.loop.call_soon_threadsafe(_settle, self.waiter)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # cancelled, if the awaiting coroutine was
+        waiter.set_result(None)

@@ -3,7 +3,6 @@
 * ``Executor``: a ``concurrent.futures.Executor`` that behaves like
   ``ThreadPoolExecutor`` and runs its calls on a private ``Cluster``.
 * ``as_completed(handles)``: ``TaskHandle``\\ s in the order their tasks end.
-* ``await_handle(handle)``: the body of ``TaskHandle.__await__``.
 
 How the executor runs calls. A call is not one cluster task each: that costs a
 cluster task (builder, record, handle, two trips through the cluster lock) on top
@@ -44,7 +43,6 @@ so that ``_builder`` may import ``await_handle`` at its top.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -54,7 +52,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, _base
 from concurrent.futures import Executor as _BaseExecutor
 from datetime import timedelta
@@ -68,7 +66,7 @@ if TYPE_CHECKING:  # imported where used: _builder may import this module first
     from ._builder import TaskHandle
     from ._cluster import Cluster
 
-__all__ = ["Executor", "as_completed", "await_handle"]
+__all__ = ["Executor", "as_completed"]
 
 log = logging.getLogger("cluster")
 
@@ -416,7 +414,7 @@ class Executor(_BaseExecutor):
                 raise ValueError("max_workers must be greater than 0")
         if "workers" in cluster_options:
             raise TypeError("Executor() takes max_workers, not workers")
-        from ._cluster import Cluster
+        from . import Cluster
 
         _install_exit_hook()
         cluster = Cluster(workers=max_workers, **cluster_options)
@@ -657,7 +655,7 @@ def as_completed(
     ends, the iterator raises TimeoutError. One queue is shared by all the handles;
     no thread is started.
     """
-    from ._builder import TaskHandle
+    from . import TaskHandle
 
     end = _deadline(timeout)
     unique: dict[TaskHandle[T], None] = {}
@@ -721,41 +719,6 @@ def _completed(
 
 
 # ---------------------------------------------------------------------- await
-
-
-def await_handle(handle: TaskHandle[T]) -> Generator[Any, None, T]:
-    """``TaskHandle.__await__``: the task's value, or its error raised, in a coroutine.
-
-    Works from any running event loop. Cancelling the awaiting coroutine does not
-    cancel the task (``handle.cancel()`` does that): it waits on a future of its own
-    loop, which a done-callback on the task's future completes from the cluster.
-    A task that has already ended is not waited for at all.
-    """
-    if not handle.done():
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        handle.future().add_done_callback(_Wake(loop, waiter))
-        yield from waiter
-    return handle.result()  # the task is terminal: its value, or its error raised
-
-
-class _Wake:
-    """A done-callback (on a cluster thread) that completes a loop future."""
-
-    __slots__ = ("loop", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
-        self.loop = loop
-        self.waiter = waiter
-
-    def __call__(self, _future: Future[Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self.loop.call_soon_threadsafe(_settle, self.waiter)
-
-
-def _settle(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():  # cancelled, if the awaiting coroutine was
-        waiter.set_result(None)
 
 
 # ---------------------------------------------------------------------- process events

@@ -30,7 +30,7 @@ from _helpers import WAIT, MakeCluster, NewEvent
 
 import cluster
 from cluster import Executor, TaskCancelledError, TaskHandle
-from cluster._futures import await_handle
+from cluster._builder import await_handle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1127,7 +1127,7 @@ def test_as_completed_waits_without_a_thread_per_handle(
 def awaitable(handle: TaskHandle[Any]) -> Awaitable[Any]:
     """``handle`` itself once TaskHandle has ``__await__``; until then, the same body."""
     if hasattr(TaskHandle, "__await__"):
-        return handle  # type: ignore[return-value]
+        return handle
 
     class Awaiting:
         def __await__(self) -> Generator[Any, None, Any]:

@@ -51,6 +51,8 @@ LAYERS: dict[str, int] = {
     "_builder": 4,
     "_cluster": 4,
     "_background": 5,
+    "_futures": 5,
+    "_store": 4,
     "testing": 5,
     "cli": 5,
     "__main__": 5,
