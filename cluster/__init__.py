@@ -17,6 +17,7 @@ from ._background import Attachment, Intermittent, Lifecycle, LifecycleContext
 from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
 from ._builder import TaskBuilder, TaskHandle
 from ._cluster import Cluster
+from ._completion import as_completed
 from ._errors import (
     ClusterError,
     ClusterStoppedError,
@@ -31,8 +32,19 @@ from ._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from ._futures import Executor, as_completed
-from ._task import ClusterStats, Result, TaskContext, TaskInfo, TaskState, current
+from ._futures import Executor
+from ._group import TaskGroup
+from ._task import (
+    ClusterStats,
+    DeadLetter,
+    ExecutorStats,
+    NameStats,
+    Result,
+    TaskContext,
+    TaskInfo,
+    TaskState,
+    current,
+)
 from ._validate import UNLIMITED
 
 if TYPE_CHECKING:
@@ -55,14 +67,17 @@ __all__ = [
     "ClusterError",
     "ClusterStats",
     "ClusterStoppedError",
+    "DeadLetter",
     "DuplicateTaskError",
     "Executor",
+    "ExecutorStats",
     "ExponentialBackoff",
     "FixedBackoff",
     "Intermittent",
     "Lifecycle",
     "LifecycleContext",
     "LinearBackoff",
+    "NameStats",
     "ProcessExecutor",
     "QueueFullError",
     "Result",
@@ -73,6 +88,7 @@ __all__ = [
     "TaskBuilder",
     "TaskCancelledError",
     "TaskContext",
+    "TaskGroup",
     "TaskHandle",
     "TaskInfo",
     "TaskInterruptedError",

@@ -35,7 +35,7 @@ from typing import Any
 
 from ._backend import Backend, join_threads
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, plan
-from ._delivery import deliver_sinks, has_callbacks, run_callbacks
+from ._delivery import clear_frames, deliver_sinks, has_callbacks, run_callbacks
 from ._slots import _drop_frame
 from ._task import _CURRENT, DEFAULT_OPTIONS, Result, Task, TaskContext, TaskState
 
@@ -123,6 +123,10 @@ class AsyncBackend(Backend):
         """A due task: dispatch soon; a later one: re-arm the timer if it is earlier."""
         if ready or task.start < self._timer_at:  # type: ignore[operator]
             self._kick_locked()
+
+    def wake_locked(self) -> None:
+        """Due tasks came back from a gate: dispatch."""
+        self._kick_locked()
 
     def stopping_locked(self) -> None:
         """At the end: stop the loop (abandoned coroutines are cancelled and dropped)."""
@@ -231,6 +235,10 @@ class AsyncBackend(Backend):
                 started.append((task, ctx, slot))
             if started and not self._beating:
                 rt.arm_service_locked(now + BEAT)  # watch the loop while attempts run
+            if rt.room_waiters and started:
+                rt.room_locked()
+            if sched.woken:
+                rt.wake_lanes_locked()
             due = sched.next_due(lane)
             self._timer_at = float("inf") if due is None else due
             wait = None if due is None else rt.clock.timeout(max(0.0, due - now))
@@ -313,6 +321,8 @@ class AsyncBackend(Backend):
                     sleeping._hook = slot.abort  # type: ignore[union-attr]
                     slot.aborted = False
                     self._sleepers.add(slot)
+                if sched.woken:
+                    rt.wake_lanes_locked()
                 if self.lane.queued and not self._kicked:
                     self._kicked = True  # a slot is free and tasks wait: on this loop
                     asyncio.get_running_loop().call_soon(self._dispatch)
@@ -331,6 +341,8 @@ class AsyncBackend(Backend):
                 if has_callbacks(task):
                     rt.runners.submit(_callbacks_then_release, task)
                 else:
+                    if task._error is not None and sched.dead_limit:
+                        clear_frames(task.error)  # a dead letter
                     task.release()
                 return
             if run_ended is not None:
@@ -376,4 +388,6 @@ def _run_callbacks(job: tuple[Task, Result[Any]]) -> None:
 
 def _callbacks_then_release(task: Task) -> None:
     run_callbacks(task)
+    if task._error is not None and task.state is not TaskState.CANCELLED:
+        clear_frames(task.error)  # a dead letter, its Result delivered
     task.release()

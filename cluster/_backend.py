@@ -71,6 +71,9 @@ class Backend:
         """``task`` of this lane was queued: due now (``ready``), or at ``task.start``
         (a delayed task or a requeued retry). Only called while the cluster runs."""
 
+    def wake_locked(self) -> None:
+        """Due tasks of this lane may be waiting (they came back from a key's gate)."""
+
     def abandon_locked(self, slot: object, fresh: list[threading.Thread] | None) -> None:
         """The attempt running in ``slot`` was detached (timeout, cancel, shutdown).
 

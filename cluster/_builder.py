@@ -161,6 +161,36 @@ class TaskBuilder(Generic[T]):
         self._options().retry_if = function(predicate, "predicate")
         return self
 
+    def with_name(self, name: str) -> TaskBuilder[T]:
+        """The task's type name (default: the function's ``__qualname__``); listing,
+        per-name stats and dead letters use it."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not name:
+            raise ValueError("name must be a non-empty str")
+        self._options().name = name
+        return self
+
+    def with_tags(self, *tags: str) -> TaskBuilder[T]:
+        """Free ``str`` labels for listing (``Cluster.tasks(tag=...)``)."""
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise TypeError(f"tags must be str, got {type(tag).__name__}")
+        opts = self._options()
+        opts.tags = tuple(dict.fromkeys((*opts.tags, *tags)))
+        return self
+
+    def with_key(self, key: str) -> TaskBuilder[T]:
+        """Tasks with the same ``key`` run at most ``Cluster.limit(key)`` at a time
+        (default 1: one after another, in priority and submission order); a task
+        waiting for its key holds no worker and delays no task of another key."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        if not key:
+            raise ValueError("key must be a non-empty str")
+        self._options().key = key
+        return self
+
     def with_executor(self, name: str) -> TaskBuilder[T]:
         """Run this task on executor ``name`` (``"threads"``, ``"async"``, or one given as
         ``Cluster(executors=...)``); an unknown name raises ValueError."""

@@ -12,20 +12,55 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from datetime import datetime
 from queue import SimpleQueue
 from types import FunctionType, MethodType, TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backend import Backend
-from ._builder import TaskBuilder
+from ._builder import TaskBuilder, TaskHandle
 from ._clock import Clock, SystemClock
 from ._runtime import RESERVED, Runtime
-from ._task import ClusterStats, Result, Task, TaskInfo
+from ._task import ClusterStats, DeadLetter, NameStats, Result, Task, TaskInfo, TaskState
 from ._validate import Duration, integer, seconds
 
 if TYPE_CHECKING:
     from ._background import Intermittent
+    from ._group import TaskGroup
+
+
+def _listing_args(
+    state: TaskState | Iterable[TaskState] | None,
+    name: str | None,
+    tag: str | None,
+    key: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[frozenset[TaskState] | None, str | None, str | None, str | None, int, int]:
+    """Validate the filters of ``tasks()``."""
+    states: frozenset[TaskState] | None = None
+    if isinstance(state, TaskState):
+        states = frozenset((state,))
+    elif state is not None:
+        if isinstance(state, (str, bytes)) or not isinstance(state, Iterable):
+            raise TypeError(f"state must be a TaskState or a collection of them, got {state!r}")
+        states = frozenset(state)
+        for s in states:
+            if not isinstance(s, TaskState):
+                raise TypeError(f"state must be TaskState values, got {s!r}")
+    for label, value in (("name", name), ("tag", tag), ("key", key)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{label} must be a str, got {type(value).__name__}")
+    return (
+        states,
+        name,
+        tag,
+        key,
+        integer(limit, "limit", minimum=0),
+        integer(offset, "offset", minimum=0),
+    )
+
 
 __all__ = ["Cluster"]
 
@@ -62,6 +97,9 @@ class Cluster:
         executors: Mapping[str, Backend] | None = None,
         async_limit: int = 1000,
         clock: Clock | None = None,
+        max_pending: int | None = None,
+        on_full: str = "block",
+        dead_letters: int = 1000,
     ) -> None:
         size = os.cpu_count() or 1 if workers is None else integer(workers, "workers", minimum=1)
         named: dict[str, Backend] = {}
@@ -87,7 +125,21 @@ class Cluster:
             clock = SystemClock()
         elif not isinstance(clock, Clock):
             raise TypeError(f"clock must be a cluster clock, got {type(clock).__name__}")
-        rt = self._rt = Runtime(size, named, clock, limit, _new_async_backend)
+        if max_pending is not None:
+            max_pending = integer(max_pending, "max_pending", minimum=1)
+        if on_full not in ("block", "reject"):
+            raise ValueError(f"on_full must be 'block' or 'reject', got {on_full!r}")
+        dead_limit = integer(dead_letters, "dead_letters", minimum=0)
+        rt = self._rt = Runtime(
+            size,
+            named,
+            clock,
+            limit,
+            _new_async_backend,
+            max_pending=max_pending,
+            reject=on_full == "reject",
+            dead_letters=dead_limit,
+        )
         # The hot query paths go straight to the runtime (no extra call per use).
         self.cancel_task = rt.cancel_task  # type: ignore[method-assign]
         self.subscribe = rt.subscribe  # type: ignore[method-assign]
@@ -188,6 +240,104 @@ class Cluster:
     def stats(self) -> ClusterStats:
         """Counters since creation and gauges of the present moment (also per executor)."""
         return self._rt.stats()
+
+    # ------------------------------------------------------------------ keys and listing
+
+    def limit(
+        self, key: str, concurrency: int = 1, *, rate: float | None = None, burst: int = 1
+    ) -> None:
+        """At most ``concurrency`` tasks of ``key`` at a time and, with ``rate``, at most
+        ``rate`` attempt starts per second (a token bucket of ``burst`` tokens that
+        starts full; every attempt, retries included, takes one). Applies to tasks
+        queued now and later."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        if not key:
+            raise ValueError("key must be a non-empty str")
+        concurrency = integer(concurrency, "concurrency", minimum=1)
+        if rate is not None:
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+                raise TypeError(f"rate must be a number, got {type(rate).__name__}")
+            if not (rate > 0 and rate < float("inf")):
+                raise ValueError(f"rate must be > 0 starts per second, got {rate!r}")
+            rate = float(rate)
+        burst = integer(burst, "burst", minimum=1)
+        self._rt.limit(key, concurrency, rate, burst)
+
+    def tasks(
+        self,
+        *,
+        state: TaskState | Iterable[TaskState] | None = None,
+        name: str | None = None,
+        tag: str | None = None,
+        key: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskInfo]:
+        """The tasks the cluster holds (live, cached and dead letters), newest submission
+        first, filtered and paged. Cost: O(log n + page) (a ``state`` filter scans)."""
+        return self._rt.tasks(*_listing_args(state, name, tag, key, limit, offset))[1]
+
+    def count_tasks(
+        self,
+        *,
+        state: TaskState | Iterable[TaskState] | None = None,
+        name: str | None = None,
+        tag: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        """How many tasks ``tasks()`` with these filters would list in all."""
+        return self._rt.tasks(*_listing_args(state, name, tag, key, 0, 0))[0]
+
+    def reprioritize(self, task_id: str, priority: int) -> bool:
+        """Give a task that has not started a new priority; True if done, False if it
+        already started or ended. Unknown id: TaskNotFoundError."""
+        return self._rt.reprioritize(task_id, integer(priority, "priority"))
+
+    def reschedule(self, task_id: str, when: datetime | Duration) -> bool:
+        """Move a task that has not started to ``when`` (a datetime, or a duration from
+        now); True if done, False if it already started or ended."""
+        rt = self._rt
+        if isinstance(when, datetime):
+            start = rt.clock.from_date(when)
+        else:
+            start = rt.clock.monotonic() + seconds(when, "when")
+        return rt.reschedule(task_id, start)
+
+    def group(self, *, fail_fast: bool = False) -> TaskGroup:
+        """A group of tasks: ``g.add_task(...)``, ``g.wait()``, ``g.as_completed()``,
+        ``g.cancel()``; as a context manager it waits for them all (SPEC §12)."""
+        from ._group import TaskGroup
+
+        return TaskGroup(self, fail_fast=fail_fast)
+
+    # ------------------------------------------------------------------ dead letters
+
+    def dead_letters(
+        self, *, name: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Tasks that failed for good (FAILED, TIMED_OUT), newest first."""
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        limit = integer(limit, "limit", minimum=0)
+        offset = integer(offset, "offset", minimum=0)
+        return self._rt.dead_letters(name, limit, offset)
+
+    def resurrect(self, *task_ids: str) -> list[TaskHandle[Any]]:
+        """Submit these dead letters again (same id, function, arguments, options;
+        attempts from 0), all or none; they leave the dead letters. An id that is not
+        a dead letter: TaskNotFoundError; one taken by a live task: DuplicateTaskError."""
+        rt = self._rt
+        return [TaskHandle(rt, task) for task in rt.resurrect(task_ids)]
+
+    def clear_dead_letters(self, *task_ids: str) -> int:
+        """Forget these dead letters (none given: all); how many were forgotten."""
+        return self._rt.clear_dead_letters(task_ids)
+
+    def stats_by_name(self) -> dict[str, NameStats]:
+        """Per task name: ``active`` and ``dead`` gauges, and the counters since the
+        cluster was created (as ``stats()`` counts them)."""
+        return self._rt.stats_by_name()
 
     def wait_idle(self, timeout: Duration | None = None) -> bool:
         """Block until the cluster has nothing to do now: no task running, none due, no

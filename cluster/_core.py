@@ -41,6 +41,8 @@ from heapq import heapify, heappop, heappush
 from ._backoff import RetryMode
 from ._clock import Clock
 from ._errors import DuplicateTaskError, TaskNotFoundError, TaskTimeoutError
+from ._gates import Gate
+from ._listing import Entry, Listing, fn_name
 from ._policy import DEFAULT, Decision, RetryCounts, applied
 from ._queues import ReadyQueue
 from ._task import DEFAULT_OPTIONS, TERMINAL, Options, Result, Task, TaskContext, TaskState
@@ -79,6 +81,7 @@ SLEEP = 3  #: RetryMode.IMMEDIATE: sleep the backoff on task.ctx, then ``resume`
 RUN_ENDED = 4  #: a repeating task's run ended, the series goes on: deliver ``run_result``
 
 _COMPACT_MIN = 64  # dead heap entries tolerated before a rebuild is considered
+MAX_NAMES = 10_000  # distinct task names counted; further names share "other"
 
 
 def decide(
@@ -150,6 +153,42 @@ def retry_delay(task: Task, error: BaseException, rng: random.Random) -> float |
         counts = RetryCounts([0] * len(opts.rules), task.attempts - 1)
     decision = policy.decide(error, counts, rng, task_id=task.id)
     return decision.delay
+
+
+class DeadRecord:
+    """A dead letter: what a resurrect needs (function, arguments, options) and the
+    error. Keeps its own references, so the task itself is released as usual."""
+
+    __slots__ = ("args", "attempts", "error", "error_state", "evicted", "failed_at", "fn", "id",
+                 "key", "kwargs", "lane", "name", "opts", "priority", "seq", "submitted_at",
+                 "tags", "text")  # fmt: skip
+
+    def __init__(self, task: Task, now: float) -> None:
+        opts = task.opts
+        self.id: str = task.id  # type: ignore[assignment]
+        self.seq = task.seq
+        self.name: str = task.name  # type: ignore[assignment]
+        self.tags = opts.tags
+        self.key = opts.key
+        self.fn = task.fn
+        self.args = task.args
+        self.kwargs = task.kwargs
+        self.opts = opts
+        self.priority = task.priority
+        self.lane = task.lane
+        self.error: BaseException = task.error  # type: ignore[assignment]
+        self.attempts = task.attempts
+        self.submitted_at = task.submitted_at
+        self.failed_at = now
+        self.text: str | None = None  # the formatted traceback, made outside the lock
+        self.error_state = task.state  #: FAILED or TIMED_OUT
+        self.evicted = False  #: dropped for room (logged when freed)
+
+
+def _task_entry(task: Task) -> Entry:
+    opts = task.opts
+    name = task.name or opts.name or fn_name(task.fn)
+    return Entry(task.seq, task, name, opts.tags, opts.key)
 
 
 class Lane:
@@ -231,6 +270,21 @@ class Scheduler:
         self.runs_allowed = True
         #: The Result of the run that the last RUN_ENDED ended (for the caller).
         self.run_result: Result[object] | None = None
+        # Keys (SPEC §12): a gate per key; parked tasks wait there, off every queue.
+        self.gates: dict[str, Gate] = {}
+        self.parked = 0  #: tasks parked on a gate
+        #: Lanes that got a task back from a gate: the caller wakes their executors.
+        self.woken: list[Lane] = []
+        #: Set when a gate timer became the earliest: the caller keeps time for it.
+        self.gate_armed = False
+        self._gate_timers: list[tuple[float, int, Gate]] = []  # a token comes back
+        # Dead letters (SPEC §13), oldest first; bounded by dead_limit.
+        self.dead: dict[str, DeadRecord] = {}
+        self.dead_limit = 1000
+        self.dead_evicted = 0
+        #: Per task name: [succeeded, failed, cancelled, timed_out] since creation.
+        self.by_name: dict[str, list[int]] = {}
+        self.listing = Listing()
         # Counters.
         self.submitted = self.succeeded = self.failed = 0
         self.cancelled = self.timed_out = self.retried = 0
@@ -296,11 +350,14 @@ class Scheduler:
         expiry = self._expiry
         tasks = self.tasks
         bury = self.graveyard.append
+        listing = self.listing
         while expiry and expiry[0][0] <= now:
             task = heappop(expiry)[2]
             bury(task)
             if tasks.get(task.id) is task:  # type: ignore[arg-type]
                 del tasks[task.id]  # type: ignore[arg-type]
+                if task.seq <= listing.upto:
+                    listing.note_removed(task.seq)
 
     def next_expiry(self) -> float | None:
         """When the earliest cached result is due to be purged, or None."""
@@ -323,7 +380,10 @@ class Scheduler:
             if task is None:
                 return None
             if task.state is PENDING:
-                break
+                opts = task.opts
+                if opts is DEFAULT_OPTIONS or opts.key is None or self._admit(task, lane, now):
+                    break
+                continue  # parked on its key: it holds no worker; look further
             lane.ready_dead -= 1
             self.graveyard.append(task)
         lane.queued -= 1
@@ -336,6 +396,92 @@ class Scheduler:
             task.started_at = now
             task.ctx = TaskContext(task, 0, None)
         return task
+
+    # -- keys and limits -----------------------------------------------------------
+
+    def gate(self, key: str) -> Gate:
+        """The gate of ``key`` (created with limit 1 on first use)."""
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = Gate(key)
+        return gate
+
+    def limit(self, key: str, limit: int, rate: float | None, burst: int, now: float) -> None:
+        """Set ``key``'s concurrency and start rate; parked tasks that now fit go back."""
+        gate = self.gate(key)
+        gate.configure(limit, rate, burst, now)
+        for _ in range(max(0, limit - gate.holders)):
+            if not self._unpark(gate):
+                break
+
+    def _admit(self, task: Task, lane: Lane, now: float) -> bool:
+        """May ``task`` (just popped, PENDING) start now? Else it is parked."""
+        opts = task.opts
+        gate = self.gate(opts.key)  # type: ignore[arg-type]
+        if not opts.holds and gate.holders >= gate.limit:
+            self._park(task, gate, lane)
+            return False
+        back = gate.take_token(now)
+        if back is not None:  # no token: park until one comes back
+            self._park(task, gate, lane)
+            if gate.timer is None or back < gate.timer:
+                gate.timer = back
+                heappush(self._gate_timers, (back, self._seq(), gate))
+                self.gate_armed = True
+                if lane not in self.woken:
+                    self.woken.append(lane)  # (the edge looks at woken, then at timers)
+            return False
+        if not opts.holds:
+            opts.holds = True
+            gate.holders += 1
+        return True
+
+    def _park(self, task: Task, gate: Gate, lane: Lane) -> None:
+        lane.queued -= 1
+        self.parked += 1
+        task.opts.parked = True
+        gate.park(task)
+
+    def _unpark(self, gate: Gate) -> bool:
+        """The best task parked on ``gate`` goes back to its due queue; False if none."""
+        task = gate.unpark()
+        if task is None:
+            return False
+        self.parked -= 1
+        lane: Lane = task.lane  # type: ignore[assignment]
+        lane.queued += 1
+        lane.ready.push(task)  # its old place: (priority, start, seq)
+        if lane not in self.woken:
+            self.woken.append(lane)
+        return True
+
+    def _release_key(self, task: Task) -> None:
+        """``task`` stops holding its key (it ended, or its run did)."""
+        opts = task.opts
+        opts.holds = False
+        gate = self.gates[opts.key]  # type: ignore[index]
+        gate.holders -= 1
+        if gate.holders < gate.limit:
+            self._unpark(gate)
+
+    def next_gate_timer(self) -> float | None:
+        """When a token comes back for a task parked on a rate, or None."""
+        timers = self._gate_timers
+        while timers:
+            when, _, gate = timers[0]
+            if gate.timer == when and gate.parked:
+                return when
+            heappop(timers)
+        return None
+
+    def fire_gate_timers(self, now: float) -> None:
+        """Tokens came back: the tasks waiting for them go back to their queues."""
+        timers = self._gate_timers
+        while timers and timers[0][0] <= now:
+            when, _, gate = heappop(timers)
+            if gate.timer == when:
+                gate.timer = None
+                self._unpark(gate)
 
     def _begin(self, task: Task, lane: Lane, ctx: TaskContext, now: float) -> None:
         task.attempts += 1
@@ -405,6 +551,9 @@ class Scheduler:
         task.lane.running -= 1  # type: ignore[union-attr]
         task.ctx = None
         if error is None:
+            if task.opts.series is None:  # not a repeating task: _end_run, inlined
+                self._finalize(task, SUCCEEDED, value, None, now)
+                return DONE
             return self._end_run(task, SUCCEEDED, value, None, rearm, now)
         return self._failed(task, error, decision, rearm, now, True, ctx._reset)
 
@@ -480,6 +629,8 @@ class Scheduler:
         if series is None or rearm is None or not self.runs_allowed:
             self._finalize(task, state, value, error, now)
             return DONE
+        if task.opts.holds:
+            self._release_key(task)  # between runs, the key is free
         task.value = value
         task._error = error
         task.finished_at = now
@@ -559,9 +710,15 @@ class Scheduler:
         """
         state = task.state
         lane: Lane = task.lane  # type: ignore[assignment]
+        parked = False
         if state is PENDING:  # (a queued task has no ctx)
-            lane.queued -= 1
-            lane.ready_dead += 1
+            if task.opts.parked:  # on its key's gate, in no queue
+                parked = True
+                self.parked -= 1
+                self.gates[task.opts.key].forget(task)  # type: ignore[index]
+            else:
+                lane.queued -= 1
+                lane.ready_dead += 1
         elif state is DELAYED or state is RETRYING:
             lane.delayed -= 1
             if task.ctx is None:
@@ -583,7 +740,9 @@ class Scheduler:
             return False
         # The reason stands for the TaskCancelledError, created when first read.
         self._finalize(task, CANCELLED, None, reason, now)  # first: the entry is now dead
-        if state is PENDING:
+        if parked:
+            pass
+        elif state is PENDING:
             if lane.ready_dead > lane.queued:  # dead entries are the majority
                 lane.ready.compact(lane.queued, self.graveyard)  # amortised O(1) per cancel
                 lane.ready_dead = 0
@@ -664,25 +823,211 @@ class Scheduler:
         task.value = value
         task._error = error
         task.finished_at = now
+        opts = task.opts
+        name = task.name
+        if name is None:  # fixed now: the function is dropped once the task is released
+            name = opts.name
+            if name is None:
+                try:
+                    name = task.fn.__qualname__  # type: ignore[union-attr]
+                except AttributeError:  # a partial, a callable object
+                    name = fn_name(task.fn)
+            task.name = name
+        counts = self.by_name.get(name)
+        if counts is None:
+            counts = self._name_counts(name)
         if state is SUCCEEDED:
             self.succeeded += 1
-        elif state is FAILED:
-            self.failed += 1
+            counts[0] += 1
         elif state is CANCELLED:
             self.cancelled += 1
+            counts[2] += 1
         else:
-            self.timed_out += 1
-        ttl = task.opts.ttl
+            if state is FAILED:
+                self.failed += 1
+                counts[1] += 1
+            else:
+                self.timed_out += 1
+                counts[3] += 1
+            if self.dead_limit:
+                self._dead_letter(task, now)
+        if opts is not DEFAULT_OPTIONS and opts.holds:
+            self._release_key(task)
+        ttl = opts.ttl
         if ttl is None:
             # Registered by submit; only this transition, or the purge of a task
             # that went through it, removes it: it is still there, and it is this task.
             del self.tasks[task.id]  # type: ignore[arg-type]
+            if task.seq <= self.listing.upto:
+                self.listing.note_removed(task.seq)
         else:
             if not self._expiry:
                 self.expiry_armed = True
             heappush(self._expiry, (now + ttl, task.seq, task))
         if self._deadlines and not self.running:
             self._deadlines.clear()  # all dead: no attempt is running
+
+    def _name_counts(self, name: str) -> list[int]:
+        """The counters of a new name (at most ``MAX_NAMES``; the rest share "other")."""
+        if len(self.by_name) >= MAX_NAMES:
+            other = self.by_name.get("other")
+            if other is None:
+                other = self.by_name["other"] = [0, 0, 0, 0]
+            return other
+        counts = self.by_name[name] = [0, 0, 0, 0]
+        return counts
+
+    # -- dead letters -------------------------------------------------------------
+
+    def _dead_letter(self, task: Task, now: float) -> None:
+        """Keep a task that failed for good, with what a resurrect needs."""
+        dead = self.dead
+        tid: str = task.id  # type: ignore[assignment]
+        old = dead.pop(tid, None)
+        if old is not None:  # the same id failed again: the newer one stays
+            self.graveyard.append(old)
+            self._unlist_dead(old)
+        record = DeadRecord(task, now)
+        dead[tid] = record
+        while len(dead) > self.dead_limit:
+            evicted = dead.pop(next(iter(dead)))
+            self.dead_evicted += 1
+            evicted.evicted = True  # the edge logs it when it frees it
+            self._unlist_dead(evicted)
+            self.graveyard.append(evicted)  # its function and arguments, freed outside
+
+    def _unlist_dead(self, record: DeadRecord) -> None:
+        if record.seq <= self.listing.upto:
+            self.listing.note_removed(record.seq)
+
+    @staticmethod
+    def _dead_entry(record: DeadRecord) -> Entry:
+        return Entry(record.seq, record, record.name, record.tags, record.key)
+
+    def take_dead(self, tid: str) -> DeadRecord:
+        """Remove and return the dead letter ``tid`` (it is there: resurrect)."""
+        record = self.dead.pop(tid)
+        self._unlist_dead(record)
+        return record
+
+    def clear_dead(self, ids: tuple[str, ...]) -> int:
+        """Forget these dead letters (none given: all); how many were forgotten."""
+        dead = self.dead
+        chosen = list(dead) if not ids else [i for i in ids if i in dead]
+        for tid in chosen:
+            record = dead.pop(tid, None)
+            if record is not None:
+                self._unlist_dead(record)
+                self.graveyard.append(record)
+        return len(chosen)
+
+    def resize_dead(self, limit: int) -> None:
+        """Keep at most ``limit`` dead letters (0: none)."""
+        self.dead_limit = limit
+        while len(self.dead) > limit:
+            evicted = self.dead.pop(next(iter(self.dead)))
+            self.dead_evicted += 1
+            evicted.evicted = True
+            self._unlist_dead(evicted)
+            self.graveyard.append(evicted)
+
+    # -- listing --------------------------------------------------------------------
+
+    def catch_up_listing(self) -> Listing:
+        """Bring the listing index up to date (at a read; see ``_listing``)."""
+        listing = self.listing
+        tasks = self.tasks
+        dead = self.dead
+        removed, listing.removed = listing.removed, []
+        for seq in removed:
+            entry = listing.entry(seq)
+            if entry is None:
+                continue
+            item = entry.item
+            if type(item) is DeadRecord:
+                if dead.get(item.id) is item:
+                    continue
+            elif tasks.get(item.id) is item:
+                continue
+            listing.discard(seq)
+            record = dead.get(item.id)
+            if record is not None and record.seq == seq:  # it was cached, and is dead
+                listing.add(self._dead_entry(record))
+        upto = listing.upto
+        for task in reversed(tasks.values()):
+            if task.seq <= upto:
+                break
+            listing.add(_task_entry(task))
+        for record in dead.values():  # (bounded: at most dead_limit)
+            if record.seq > upto or not upto:
+                held = tasks.get(record.id)
+                if (held is None or held.seq != record.seq) and listing.entry(record.seq) is None:
+                    listing.add(self._dead_entry(record))
+        listing.upto = max(upto, self._last_seq())
+        return listing
+
+    def _last_seq(self) -> int:
+        """The newest seq handed out so far (without taking one)."""
+        tasks = self.tasks
+        newest = next(reversed(tasks.values())).seq if tasks else 0
+        return max(newest, max((r.seq for r in self.dead.values()), default=0))
+
+    # -- not started yet: new place -------------------------------------------------
+
+    def reprioritize(self, task: Task, priority: int, now: float) -> bool:
+        """Give a task that has not started ``priority``; False if it started or ended."""
+        if not self._unstarted(task):
+            return False
+        if task.state is PENDING:
+            self._lift(task)
+            task.priority = priority
+            self._place(task, now)
+        else:  # DELAYED: the timer heap orders by start time only
+            task.priority = priority
+        return True
+
+    def reschedule(self, task: Task, start: float, now: float) -> bool:
+        """Make a task that has not started due at ``start``; False if it started or ended."""
+        if not self._unstarted(task):
+            return False
+        self._lift(task)
+        task.start = start
+        self._place(task, now)
+        return True
+
+    def _unstarted(self, task: Task) -> bool:
+        state = task.state
+        if state is not PENDING and state is not DELAYED:
+            return False
+        series = task.opts.series
+        return task.attempts == 0 and (series is None or series.run == 0)
+
+    def _lift(self, task: Task) -> None:
+        """Take a task that has not started out of wherever it waits."""
+        lane: Lane = task.lane  # type: ignore[assignment]
+        if task.state is DELAYED:
+            lane.timers.remove(task)
+            heapify(lane.timers)
+            lane.delayed -= 1
+        elif task.opts.parked:
+            self.gates[task.opts.key].forget(task)  # type: ignore[index]
+            self.parked -= 1
+        else:
+            lane.ready.remove(task)
+            lane.queued -= 1
+
+    def _place(self, task: Task, now: float) -> None:
+        lane: Lane = task.lane  # type: ignore[assignment]
+        if task.start <= now:  # type: ignore[operator]
+            task.state = PENDING
+            lane.queued += 1
+            lane.ready.push(task)
+            if lane not in self.woken:
+                self.woken.append(lane)
+        else:
+            task.state = DELAYED
+            lane.delayed += 1
+            heappush(lane.timers, task)
 
     # -- introspection ----------------------------------------------------------
 
@@ -700,6 +1045,10 @@ class Scheduler:
     def running(self) -> int:
         """Attempts running (not detached), over all lanes."""
         return sum(lane.running for lane in self.lanes)
+
+    def pending(self) -> int:
+        """Tasks not yet started: queued, delayed, waiting for a retry or a key."""
+        return sum(lane.queued + lane.delayed for lane in self.lanes) + self.parked
 
     @property
     def live(self) -> int:

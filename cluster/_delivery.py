@@ -15,8 +15,10 @@ more (up to ``MAX_RUNNERS``), so a stuck callback never holds up the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -33,6 +35,7 @@ __all__ = [
     "Runners",
     "SeriesSink",
     "Signal",
+    "clear_frames",
     "deliver_sinks",
     "run_callbacks",
 ]
@@ -109,6 +112,17 @@ def run_callbacks(task: Task, result: Result[Any] | None = None) -> None:
             opts.on_failure(task.id, error)  # type: ignore[arg-type]
         except BaseException:
             log.exception("on_failure callback of task %r raised", task.id)
+
+
+def clear_frames(error: BaseException | None) -> None:
+    """Clear the locals of ``error``'s traceback frames (a dead letter's, once its
+    Result is delivered: SPEC §13 keeps the traceback text, not the frames' locals)."""
+    while error is not None:
+        tb = error.__traceback__
+        if tb is not None:
+            with contextlib.suppress(RuntimeError):  # a frame still running: leave it
+                traceback.clear_frames(tb)
+        error = error.__cause__ or error.__context__
 
 
 def has_callbacks(task: Task) -> bool:

@@ -2,7 +2,6 @@
 
 * ``Executor``: a ``concurrent.futures.Executor`` that behaves like
   ``ThreadPoolExecutor`` and runs its calls on a private ``Cluster``.
-* ``as_completed(handles)``: ``TaskHandle``\\ s in the order their tasks end.
 
 How the executor runs calls. A call is not one cluster task each: that costs a
 cluster task (builder, record, handle, two trips through the cluster lock) on top
@@ -46,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -56,17 +54,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, _base
 from concurrent.futures import Executor as _BaseExecutor
 from datetime import timedelta
-from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar
 
 from ._errors import ClusterStoppedError
+from ._validate import deadline as _deadline
 from ._validate import integer
 
 if TYPE_CHECKING:  # imported where used: _builder may import this module first
-    from ._builder import TaskHandle
     from ._cluster import Cluster
 
-__all__ = ["Executor", "as_completed"]
+__all__ = ["Executor"]
 
 log = logging.getLogger("cluster")
 
@@ -143,32 +140,6 @@ def _default_workers() -> int:
     """ThreadPoolExecutor's default: ``min(32, CPUs + 4)`` (I/O-bound work mostly waits)."""
     count = getattr(os, "process_cpu_count", os.cpu_count)()
     return min(32, (count or 1) + 4)
-
-
-def _deadline(timeout: object, name: str = "timeout") -> float | None:
-    """The monotonic deadline ``timeout`` seconds from now; None for no limit.
-
-    As in ``concurrent.futures``, a negative timeout has already expired. An infinite
-    one, or one too long for a lock to wait (``threading.TIMEOUT_MAX``), is no limit.
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, timedelta):
-        value = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        try:
-            value = float(timeout)
-        except OverflowError:  # an int too large for a float: no limit in practice
-            value = math.inf if timeout > 0 else -math.inf
-    else:
-        raise TypeError(
-            f"{name} must be seconds as int, float or timedelta, got {type(timeout).__name__}"
-        )
-    if value != value:
-        raise ValueError(f"{name} must be a number of seconds, got {timeout!r}")
-    if value >= threading.TIMEOUT_MAX:
-        return None
-    return time.monotonic() + value
 
 
 class _State:
@@ -640,85 +611,6 @@ def _map_results(run: _MapRun, end: float | None) -> Iterator[Any]:
             yield run.take(index, end)
     finally:
         run.unclaimed.clear()  # the calls not yet started never will (as TPE cancels them)
-
-
-# ---------------------------------------------------------------------- as_completed
-
-
-def as_completed(
-    handles: Iterable[TaskHandle[T]], timeout: float | timedelta | None = None
-) -> Iterator[TaskHandle[T]]:
-    """Yield the handles as their tasks end: those already finished first.
-
-    Like ``concurrent.futures.as_completed``: a handle given twice is yielded once,
-    and if ``timeout`` seconds (counted from this call) pass before the last one
-    ends, the iterator raises TimeoutError. One queue is shared by all the handles;
-    no thread is started.
-    """
-    from . import TaskHandle
-
-    end = _deadline(timeout)
-    unique: dict[TaskHandle[T], None] = {}
-    for handle in handles:
-        if not isinstance(handle, TaskHandle):
-            raise TypeError(f"handles must be TaskHandles, got {type(handle).__name__}")
-        unique[handle] = None
-    finished: list[TaskHandle[T]] = []
-    arrivals: SimpleQueue[TaskHandle[T]] = SimpleQueue()
-    waiting = 0
-    for handle in unique:
-        if handle.done():
-            finished.append(handle)
-        else:
-            # A done-callback on the task's future puts the handle in the queue when
-            # the task ends (at once, if it ended since done() was asked).
-            handle.future().add_done_callback(_Arrival(arrivals, handle))
-            waiting += 1
-    return _completed(finished, arrivals, waiting, len(unique), end)
-
-
-class _Arrival:
-    """A done-callback that reports its handle on a shared queue."""
-
-    __slots__ = ("handle", "queue")
-
-    def __init__(self, queue: SimpleQueue[TaskHandle[Any]], handle: TaskHandle[Any]) -> None:
-        self.queue = queue
-        self.handle = handle
-
-    def __call__(self, _future: Future[Any]) -> None:
-        handle = self.handle
-        self.handle = None  # type: ignore[assignment]  # the future may outlive the wait
-        self.queue.put(handle)
-
-
-def _completed(
-    finished: list[TaskHandle[T]],
-    arrivals: SimpleQueue[TaskHandle[T]],
-    waiting: int,
-    total: int,
-    end: float | None,
-) -> Iterator[TaskHandle[T]]:
-    finished.reverse()
-    while finished:
-        yield finished.pop()
-    while waiting:
-        if end is None:
-            remaining = _MAX_WAIT
-        else:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{waiting} (of {total}) tasks unfinished")
-        try:
-            handle = arrivals.get(timeout=min(remaining, _MAX_WAIT))
-        except Empty:
-            continue  # the loop decides: a longer wait, or the TimeoutError
-        waiting -= 1
-        yield handle
-        del handle
-
-
-# ---------------------------------------------------------------------- await
 
 
 # ---------------------------------------------------------------------- process events

@@ -88,6 +88,17 @@ class ReadyQueue:
             return task
         return None
 
+    def remove(self, task: Task) -> None:
+        """Take ``task`` out (it must be in): O(n) in its priority's bucket (rare:
+        reprioritize and reschedule)."""
+        bucket = self._buckets[task.priority]
+        try:
+            bucket.fifo.remove(task)
+        except ValueError:
+            bucket.heap.remove(task)
+            heapify(bucket.heap)
+        self._count -= 1
+
     def compact(self, live: int, graveyard: list[object] | None = None) -> None:
         """Drop every dead entry, given the number of ``live`` (PENDING) ones.
 

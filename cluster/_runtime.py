@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import traceback
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -33,7 +34,7 @@ from typing import Any
 from . import _task
 from ._backend import Backend, join_threads
 from ._clock import Clock
-from ._core import DONE, REQUEUED, RUN_ENDED, Lane, Scheduler, plan
+from ._core import DONE, REQUEUED, RUN_ENDED, DeadRecord, Lane, Scheduler, plan
 from ._delivery import (
     Runners,
     SeriesSink,
@@ -42,7 +43,16 @@ from ._delivery import (
     has_callbacks,
     run_callbacks,
 )
-from ._errors import ClusterError, ClusterStoppedError, StopTimeoutError, TaskTimeoutError
+from ._errors import (
+    ClusterError,
+    ClusterStoppedError,
+    DuplicateTaskError,
+    QueueFullError,
+    StopTimeoutError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
+from ._listing import Entry, fn_name
 from ._service import Service
 from ._slots import Slot, ThreadPool
 from ._sync import MAX_WAIT, acquire_bounded, acquire_contended, wait_event
@@ -50,8 +60,11 @@ from ._task import (
     DEFAULT_OPTIONS,
     TERMINAL,
     ClusterStats,
+    DeadLetter,
     ExecutorStats,
+    NameStats,
     Result,
+    Series,
     Sink,
     Task,
     TaskContext,
@@ -104,6 +117,9 @@ class Runtime:
         clock: Clock,
         async_limit: int,
         async_factory: Any,
+        max_pending: int | None = None,
+        reject: bool = False,
+        dead_letters: int = 1000,
     ) -> None:
         self.lock = threading.Lock()
         self.clock = clock
@@ -118,6 +134,13 @@ class Runtime:
         self.runners = Runners(self)
         self.service = Service(self)
         self._settled = threading.Condition(self.lock)  # stop() waits for unsettled == 0
+        self.sched.dead_limit = dead_letters
+        # Admission control (SPEC §12): submit() waits on _room while max_pending tasks
+        # have not started; room_waiters tells the paths that free room to notify.
+        self.max_pending = max_pending
+        self.reject = reject
+        self.room_waiters = 0
+        self._room = threading.Condition(self.lock)
         # ---- fixed after __init__ ----
         self.pool = ThreadPool(workers)
         self.backends: dict[str, Backend] = {}
@@ -357,6 +380,8 @@ class Runtime:
         for backend in self.backends.values():
             backend.stopping_locked()
         self.runners.wake_all_locked()
+        if self.room_waiters and self.state >= STOPPING:
+            self._room.notify_all()  # blocked submits raise ClusterStoppedError
 
     def _owed_locked(self) -> bool:
         return any(backend.owed_locked() for backend in self.backends.values())
@@ -392,6 +417,8 @@ class Runtime:
             if self.state >= STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; submit() is refused")
             sched = self.sched
+            if self.max_pending is not None:
+                self._wait_for_room_locked()
             ready = sched.submit(task, self.monotonic())
             self.unsettled += 1
             if self.state == RUNNING:
@@ -414,6 +441,41 @@ class Runtime:
             lock.release()
         if dead is not None:
             self.bury(dead)
+
+    def _wait_for_room_locked(self) -> None:
+        """max_pending: block (or raise QueueFullError) while the cluster is full."""
+        limit: int = self.max_pending  # type: ignore[assignment]
+        while self.sched.pending() >= limit:
+            if self.reject:
+                raise QueueFullError(
+                    f"{limit} tasks wait to start (max_pending); submit() is refused"
+                )
+            self.room_waiters += 1
+            try:
+                self._room.wait(MAX_WAIT)
+            finally:
+                self.room_waiters -= 1
+            if self.state >= STOPPING:
+                raise ClusterStoppedError("the cluster stopped while submit() waited for room")
+
+    def room_locked(self) -> None:
+        """A task started or left the queue: a blocked submit may go on."""
+        self._room.notify()
+
+    def wake_lanes_locked(self) -> None:
+        """Lanes that got tasks back from a gate (``Scheduler.woken``): wake their
+        executors."""
+        sched = self.sched
+        woken = sched.woken
+        if self.state == RUNNING:
+            for lane in woken:
+                lane.backend.wake_locked()  # type: ignore[attr-defined]
+        woken.clear()
+        if sched.gate_armed:  # a task waits for a token: the service thread keeps time
+            sched.gate_armed = False
+            when = sched.next_gate_timer()
+            if when is not None:
+                self.service.arm_locked(when)
 
     # ------------------------------------------------------------------ queries and control
 
@@ -478,6 +540,10 @@ class Runtime:
                 return False
             if sched.abandoned:
                 self.abandon_locked(None)
+            if sched.woken:
+                self.wake_lanes_locked()
+            if self.room_waiters:
+                self._room.notify()
             opts = task.opts
             quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
             if quiet:
@@ -537,6 +603,9 @@ class Runtime:
             next_attempt_at=to_date(task.start) if state is TaskState.RETRYING else None,  # type: ignore[arg-type]
             runs=started if series is None else series.run + started,
             next_run_at=to_date(task.start) if series is not None and waiting else None,  # type: ignore[arg-type]
+            name=task.name or opts.name or fn_name(task.fn),
+            tags=opts.tags,
+            key=opts.key,
         )
 
     def stats(self) -> ClusterStats:
@@ -564,11 +633,210 @@ class Runtime:
                 workers=self.pool.alive_locked(),
                 abandoned=self.abandoned_threads,
                 executors=executors,
+                waiting=s.parked,
+                dead_letters=len(s.dead),
+                dead_letters_evicted=s.dead_evicted,
             )
 
     def __repr__(self) -> str:
         state = ("new", "running", "stopping", "stopped")[self.state]
         return f"<cluster runtime {state} live={self.sched.live}>"
+
+    # ------------------------------------------------------------------ keys, listing (§12)
+
+    def limit(self, key: str, concurrency: int, rate: float | None, burst: int) -> None:
+        """See ``Cluster.limit``."""
+        with self.lock:
+            self.sched.limit(key, concurrency, rate, burst, self.monotonic())
+            self.wake_lanes_locked()
+
+    def tasks(
+        self,
+        states: frozenset[TaskState] | None,
+        name: str | None,
+        tag: str | None,
+        key: str | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[int, list[TaskInfo]]:
+        """(total, a page of TaskInfo), newest submission first (see ``Cluster.tasks``)."""
+        with self.lock:
+            listing = self.sched.catch_up_listing()
+            accept = None
+            if states is not None:
+                dead_state = {TaskState.FAILED, TaskState.TIMED_OUT} & states
+
+                def accept(entry: Entry) -> bool:
+                    item = entry.item
+                    if type(item) is DeadRecord:
+                        return bool(dead_state) and item.error_state in states
+                    return item.state in states
+
+            total, entries = listing.page(
+                name=name, tag=tag, key=key, accept=accept, limit=limit, offset=offset
+            )
+            page = [self._entry_info_locked(e) for e in entries]
+        return total, page
+
+    def _entry_info_locked(self, entry: Entry) -> TaskInfo:
+        item = entry.item
+        if type(item) is not DeadRecord:
+            return self._info_locked(item)
+        to_date = self.clock.to_date
+        return TaskInfo(
+            id=item.id,
+            state=item.error_state,
+            priority=item.priority,
+            attempts=item.attempts,
+            submitted_at=to_date(item.submitted_at),
+            started_at=None,
+            finished_at=to_date(item.failed_at),
+            error=item.error,
+            progress=None,
+            start_at=to_date(item.failed_at),
+            retries=item.opts.retries,
+            last_error=item.error,
+            runs=1,
+            name=item.name,
+            tags=item.tags,
+            key=item.key,
+        )
+
+    def reprioritize(self, task_id: str, priority: int) -> bool:
+        """See ``Cluster.reprioritize``."""
+        with self.lock:
+            task = self.sched.lookup(task_id, self.monotonic())
+            done = self.sched.reprioritize(task, priority, self.monotonic())
+            self.wake_lanes_locked()
+        return done
+
+    def reschedule(self, task_id: str, start: float) -> bool:
+        """See ``Cluster.reschedule``."""
+        with self.lock:
+            task = self.sched.lookup(task_id, self.monotonic())
+            done = self.sched.reschedule(task, start, self.monotonic())
+            if done and self.state == RUNNING and task.state is TaskState.DELAYED:
+                task.lane.backend.queued_locked(task, False)  # type: ignore[union-attr]
+            self.wake_lanes_locked()
+        return done
+
+    # ------------------------------------------------------------------ dead letters (§13)
+
+    def dead_letters(self, name: str | None, limit: int, offset: int) -> list[DeadLetter]:
+        """See ``Cluster.dead_letters``: newest first."""
+        with self.lock:
+            records = list(reversed(self.sched.dead.values()))
+        if name is not None:
+            records = [r for r in records if r.name == name]
+        page = records[offset : offset + limit]
+        to_date = self.clock.to_date
+        out = []
+        for r in page:
+            if r.text is None:  # formatted here, outside the lock (it runs __str__s)
+                r.text = "".join(traceback.format_exception(r.error))
+            out.append(
+                DeadLetter(
+                    id=r.id,
+                    name=r.name,
+                    tags=r.tags,
+                    error=r.error,
+                    error_text=r.text,
+                    attempts=r.attempts,
+                    submitted_at=to_date(r.submitted_at),
+                    failed_at=to_date(r.failed_at),
+                )
+            )
+        return out
+
+    def dead_letter_count(self, name: str | None) -> int:
+        """How many dead letters (of ``name``) there are."""
+        with self.lock:
+            if name is None:
+                return len(self.sched.dead)
+            return sum(1 for r in self.sched.dead.values() if r.name == name)
+
+    def resurrect(self, task_ids: tuple[str, ...]) -> list[Task]:
+        """See ``Cluster.resurrect``: all or none. Returns the new tasks."""
+        fresh: list[Task] = []
+        for tid in task_ids:
+            if not isinstance(tid, str):
+                raise TypeError(f"task ids must be str, got {type(tid).__name__}")
+        with self.lock:
+            sched = self.sched
+            if self.state >= STOPPING:
+                raise ClusterStoppedError("the cluster is stopped; resurrect() is refused")
+            records = []
+            for tid in task_ids:
+                record = sched.dead.get(tid)
+                if record is None:
+                    raise TaskNotFoundError(f"no dead letter with id {tid!r}")
+                if tid in sched.tasks:
+                    raise DuplicateTaskError(
+                        f"task id {tid!r} is taken again (queued, running or cached); "
+                        "its dead letter cannot be resurrected while it is"
+                    )
+                records.append(record)
+            if len(set(task_ids)) != len(task_ids):
+                raise ValueError("resurrect() got the same id twice")
+            now = self.monotonic()
+            for record in records:
+                sched.take_dead(record.id)
+                task = Task(record.fn, record.args, record.kwargs)  # type: ignore[arg-type]
+                task.id = record.id
+                task.priority = record.priority
+                task.lane = record.lane
+                task.opts = (
+                    record.opts.copy() if record.opts is not DEFAULT_OPTIONS else record.opts
+                )
+                opts = task.opts
+                task.start = now
+                if opts.repeat is not None:
+                    first = opts.repeat.first_due(
+                        now, now_wall=self.clock.to_date, from_wall=self.clock.from_date
+                    )
+                    task.start = now if first is None else first
+                    opts.series = Series(task.start)
+                ready = sched.submit(task, now)
+                self.unsettled += 1
+                if self.state == RUNNING:
+                    task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
+                fresh.append(task)
+        return fresh
+
+    def clear_dead_letters(self, task_ids: tuple[str, ...]) -> int:
+        """See ``Cluster.clear_dead_letters``."""
+        with self.lock:
+            count = self.sched.clear_dead(task_ids)
+            dead = self.sched.graveyard
+            self.sched.graveyard = []
+        self.bury(dead)
+        return count
+
+    def stats_by_name(self) -> dict[str, NameStats]:
+        """See ``Cluster.stats_by_name``."""
+        with self.lock:
+            sched = self.sched
+            counts = {name: list(c) for name, c in sched.by_name.items()}
+            active: dict[str, int] = {}
+            for task in sched.tasks.values():
+                if task.state not in TERMINAL:
+                    name = task.name or task.opts.name or fn_name(task.fn)
+                    active[name] = active.get(name, 0) + 1
+            dead: dict[str, int] = {}
+            for record in sched.dead.values():
+                dead[record.name] = dead.get(record.name, 0) + 1
+        out = {}
+        for name in sorted({*counts, *active, *dead}):
+            s_, f_, c_, t_ = counts.get(name, (0, 0, 0, 0))
+            out[name] = NameStats(
+                active=active.get(name, 0),
+                dead=dead.get(name, 0),
+                succeeded=s_,
+                failed=f_,
+                cancelled=c_,
+                timed_out=t_,
+            )
+        return out
 
     # ------------------------------------------------------------------ handle support
 
@@ -680,6 +948,8 @@ class Runtime:
                     task.lane.backend.queued_locked(task, task.state is TaskState.PENDING)  # type: ignore[union-attr]
             elif code == DONE and sched.expiry_armed:
                 self.arm_expiry_locked()
+            if sched.woken:
+                self.wake_lanes_locked()
         if code == DONE:
             deliver_sinks(task)
             with self.lock:
@@ -771,6 +1041,8 @@ class Runtime:
                 if has_callbacks(task):
                     self.runners.submit_locked(_callbacks_then_release, task, None)
             self.settle_locked(len(tasks))
+            if self.sched.woken:
+                self.wake_lanes_locked()
         for task in tasks:
             if not has_callbacks(task):
                 task.release()
@@ -780,6 +1052,13 @@ class Runtime:
         for item in dead:
             if type(item) is Task and item.state in TERMINAL:
                 item.release()
+            elif type(item) is DeadRecord and item.evicted:
+                log.warning(
+                    "dead letter %r (%s) was evicted: more than %d dead letters",
+                    item.id,
+                    item.name,
+                    self.sched.dead_limit,
+                )
         dead.clear()
 
     # ------------------------------------------------------------------ process events

@@ -89,9 +89,16 @@ class Service:
                     if expiry is not None and expiry <= now:
                         sched.purge(now)
                         expiry = sched.next_expiry()
+                    gate = sched.next_gate_timer()
+                    if gate is not None and gate <= now:  # tokens came back (rate limits)
+                        sched.fire_gate_timers(now)
+                        gate = sched.next_gate_timer()
+                        if sched.woken:
+                            rt.wake_lanes_locked()
                     target = math.inf
                     for when in (
                         sched.next_deadline(),
+                        gate,
                         None if expiry is None else min(expiry, now + PURGE_EVERY),
                         runners.check_locked(now, fresh),
                         rt.watch_backends_locked(now),

@@ -29,7 +29,7 @@ from typing import Any
 
 from ._backend import Backend, join_threads
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, Lane, Scheduler, plan
-from ._delivery import has_callbacks, run_callbacks
+from ._delivery import clear_frames, has_callbacks, run_callbacks
 from ._policy import Decision
 from ._sync import MAX_WAIT, acquire_contended
 from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Result, Task, TaskContext
@@ -116,6 +116,14 @@ class SlotPool(Backend):
                 slot.wake.put(None)
         elif task.start < self._timer_target:  # type: ignore[operator]
             self._wake_timekeeper_locked()
+
+    def wake_locked(self) -> None:
+        """Due work came back from a gate: wake an idle slot."""
+        idle = self._idle
+        if idle:
+            slot = idle.pop()
+            slot.idle = False
+            slot.wake.put(None)
 
     def abandon_locked(self, slot: object, fresh: list[threading.Thread] | None) -> None:
         """A thread stuck in a detached attempt leaves the pool; a new one replaces it."""
@@ -340,6 +348,10 @@ class SlotPool(Backend):
                                 self._timekeeper = me
                                 self._timer_target = due
                                 wait = timeout_of(due - now)
+                if sched.woken:  # keys freed: tasks came back to their lanes
+                    rt.wake_lanes_locked()
+                if rt.room_waiters and nxt is not None:  # max_pending: a task started
+                    rt.room_locked()
                 dead = sched.graveyard
                 if dead:
                     sched.graveyard = []
@@ -353,6 +365,8 @@ class SlotPool(Backend):
             if finished is not None:
                 if deliver:
                     rt.deliver(finished, me)
+                if finished._error is not None and sched.dead_limit:
+                    clear_frames(finished._error)  # type: ignore[arg-type]  # a dead letter
                 # Task.release, inlined: this runs once per task.
                 finished.fn = None
                 finished.args = ()

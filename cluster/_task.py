@@ -116,6 +116,32 @@ class TaskInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A task that failed for good (FAILED or TIMED_OUT), kept for ``resurrect``."""
+
+    id: str
+    name: str
+    tags: tuple[str, ...]
+    error: BaseException  #: the exception (its traceback frames' locals are cleared)
+    error_text: str  #: its formatted traceback
+    attempts: int  #: attempts made
+    submitted_at: datetime
+    failed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NameStats:
+    """Per task name, from ``Cluster.stats_by_name()``."""
+
+    active: int  #: tasks of this name not yet terminal
+    dead: int  #: dead letters of this name now
+    succeeded: int  #: counters since the cluster was created
+    failed: int
+    cancelled: int
+    timed_out: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExecutorStats:
     """The gauges of one executor, in ``ClusterStats.executors``."""
 
@@ -139,6 +165,9 @@ class ClusterStats:
     running: int
     workers: int  #: pool strength
     abandoned: int = 0  #: threads still stuck in a timed-out or cancelled attempt
+    waiting: int = 0  #: due tasks parked until their key or its rate lets them start
+    dead_letters: int = 0  #: dead letters held now
+    dead_letters_evicted: int = 0  #: dead letters dropped for room (oldest first)
     #: Per executor (``"threads"``, ``"async"`` once used, and every named one).
     executors: dict[str, ExecutorStats] = field(default_factory=dict)
 
@@ -149,10 +178,14 @@ class Options:
     __slots__ = (
         "backoff",
         "counts",
+        "holds",
         "jitter",
+        "key",
         "last_error",
+        "name",
         "on_complete",
         "on_failure",
+        "parked",
         "policy",
         "repeat",
         "retries",
@@ -160,6 +193,7 @@ class Options:
         "retry_mode",
         "rules",
         "series",
+        "tags",
         "timeout",
         "ttl",
         "unlimited",
@@ -177,12 +211,17 @@ class Options:
         self.on_complete: CompleteCallback | None = None
         self.on_failure: FailureCallback | None = None
         self.repeat: Repeat | None = None  #: ``repeat(...)``
+        self.name: str | None = None  #: ``with_name``; None: the function's qualified name
+        self.tags: tuple[str, ...] = ()  #: ``with_tags``
+        self.key: str | None = None  #: ``with_key``
         # ---- per-task state (a task with any of it has private Options) ----
         self.policy: RetryPolicy | None = None  # built from the above on first failure
         self.counts: RetryCounts | None = None  # consecutive failures per rule
         self.unlimited = False  # the pending retry came from an UNLIMITED budget
         self.last_error: BaseException | None = None  # of the latest failed attempt
         self.series: Series | None = None  # a repeating task's runs
+        self.holds = False  # it holds its key (from its first attempt to its end)
+        self.parked = False  # it waits on its key's gate (state PENDING, in no queue)
 
     def copy(self) -> Options:
         """A private copy for a builder to change (per-task state starts afresh)."""
@@ -198,11 +237,16 @@ class Options:
         new.on_complete = self.on_complete
         new.on_failure = self.on_failure
         new.repeat = self.repeat
+        new.name = self.name
+        new.tags = self.tags
+        new.key = self.key
         new.policy = None
         new.counts = None
         new.unlimited = False
         new.last_error = None
         new.series = None
+        new.holds = False
+        new.parked = False
         return new
 
     def retry_policy(self) -> RetryPolicy | None:
@@ -272,6 +316,7 @@ class Task:
         "id",
         "kwargs",
         "lane",
+        "name",
         "opts",
         "priority",
         "progress",
@@ -295,6 +340,7 @@ class Task:
         self.start: float | None = None  # monotonic due time; None: at submit
         self.opts = DEFAULT_OPTIONS  # replaced by a private copy before any change
         self.lane: Lane | None = None  # the executor's lane; None: the default (threads)
+        self.name: str | None = None  # the type name, fixed when terminal (fn is dropped)
         # Set by Scheduler.submit: seq (submission order, the FIFO tie-breaker)
         # and submitted_at; left unset until then to keep the builder cheap.
         self.seq: int

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -82,3 +84,29 @@ def function(value: object, name: str) -> Callable[..., Any]:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}")
     return value
+
+
+def deadline(timeout: object, name: str = "timeout") -> float | None:
+    """The monotonic deadline ``timeout`` seconds from now; None for no limit.
+
+    As in ``concurrent.futures``, a negative timeout has already expired. An infinite
+    one, or one too long for a lock to wait (``threading.TIMEOUT_MAX``), is no limit.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        value = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        try:
+            value = float(timeout)
+        except OverflowError:  # an int too large for a float: no limit in practice
+            value = math.inf if timeout > 0 else -math.inf
+    else:
+        raise TypeError(
+            f"{name} must be seconds as int, float or timedelta, got {type(timeout).__name__}"
+        )
+    if value != value:
+        raise ValueError(f"{name} must be a number of seconds, got {timeout!r}")
+    if value >= threading.TIMEOUT_MAX:
+        return None
+    return time.monotonic() + value

@@ -404,17 +404,38 @@ def test_an_expired_cached_result_is_released_without_any_call(make_cluster: Mak
 
     refs: list[weakref.ref[Witness]] = []
 
-    def fails() -> None:
-        local = Witness()  # kept alive by the error's traceback frames
-        refs.append(weakref.ref(local))
-        raise RuntimeError("kept for its TTL")
+    def succeeds() -> Witness:
+        value = Witness()  # kept by the cached Result until the TTL passes
+        refs.append(weakref.ref(value))
+        return value
 
-    h = c.add_task(fails).with_cache(ttl=0.2).on_complete(lambda *a: ended.set()).submit()
+    h = c.add_task(succeeds).with_cache(ttl=0.2).on_complete(lambda *a: ended.set()).submit()
     assert ended.wait(WAIT)
     del h
     gc.collect()
     assert refs and refs[0]() is not None  # still cached
     assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, 3.0)
+
+
+def test_a_failed_tasks_frame_locals_are_released_once_delivered(make_cluster: MakeCluster) -> None:
+    """A dead letter keeps the error and its traceback text, not its frames' locals."""
+    c = make_cluster(1)
+    ended = threading.Event()
+
+    class Witness:
+        pass
+
+    refs: list[weakref.ref[Witness]] = []
+
+    def fails() -> None:
+        local = Witness()  # referenced from the error's traceback frame
+        refs.append(weakref.ref(local))
+        raise RuntimeError("kept as a dead letter")
+
+    h = c.add_task(fails).with_cache(ttl=60).on_complete(lambda *a: ended.set()).submit()
+    assert ended.wait(WAIT)
+    assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, 3.0)
+    assert h.wait(0).error.__traceback__ is not None  # type: ignore[union-attr]  # text kept
 
 
 def test_backoff_of_a_graceful_stop_is_honoured_for_requeue_too(make_cluster: MakeCluster) -> None:

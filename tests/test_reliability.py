@@ -694,7 +694,8 @@ def _raise_weak_error(arg: Payload, *, kw: Payload) -> None:
 
 @pytest.mark.parametrize("ttl", [None, 0.05], ids=["uncached", "cached"])
 def test_finished_task_releases_args_value_and_exception(h: Harness, ttl: float | None) -> None:
-    """Once its handles and Results are dropped (and a cached one is purged), a task's
+    """Once its handles and Results are dropped (and a cached one is purged, and the
+    failed one's dead letter cleared: SPEC §13 keeps what a resurrect needs), a task's
     args, kwargs, value and exception die by reference counting alone (gc disabled)."""
     c = h.cluster(2)
     refs: dict[str, weakref.ref[Any]] = {}
@@ -725,6 +726,7 @@ def test_finished_task_releases_args_value_and_exception(h: Harness, ttl: float 
             for tid in ids:  # a lookup purges expired results (and then misses)
                 with pytest.raises(TaskNotFoundError):
                     c.info(tid)
+        assert c.clear_dead_letters() == 1  # the failed task's
 
         def alive() -> list[str]:
             return [name for name, ref in refs.items() if ref() is not None]
