@@ -277,30 +277,33 @@ def test_an_immediate_retry_sleeps_on_the_fake_clock(c: Cluster, clock: FakeCloc
 def test_wait_idle_after_advance_waits_for_a_due_immediate_retry(
     c: Cluster, clock: FakeClock, kind: str
 ) -> None:
-    calls: list[int] = []
+    # Ten tasks one after another: a correct wait_idle() passes every time; the
+    # race it pins shows in nearly every try, so ten make its failure certain.
+    for _ in range(10):
+        calls: list[int] = []
 
-    def sync_task() -> str:
-        calls.append(current().attempt)
-        if len(calls) == 1:
-            raise ConnectionError
-        return "ok"
+        def sync_task(calls: list[int] = calls) -> str:
+            calls.append(current().attempt)
+            if len(calls) == 1:
+                raise ConnectionError
+            return "ok"
 
-    async def async_task() -> str:
-        return sync_task()
+        async def async_task(sync_task: Any = sync_task) -> str:
+            return str(sync_task())
 
-    fn: Any = sync_task if kind == "thread" else async_task
-    h = (
-        c.add_task(fn)
-        .with_retry(1)
-        .with_backoff(FixedBackoff(5))
-        .with_retry_mode(RetryMode.IMMEDIATE)
-        .submit()
-    )
-    settle(c)
-    assert calls == [0]
-    step(c, clock, 5)
-    assert calls == [0, 1], "wait_idle() returned before the due retry ran"
-    assert h.result(WAIT) == "ok"
+        fn: Any = sync_task if kind == "thread" else async_task
+        h = (
+            c.add_task(fn)
+            .with_retry(1)
+            .with_backoff(FixedBackoff(5))
+            .with_retry_mode(RetryMode.IMMEDIATE)
+            .submit()
+        )
+        settle(c)
+        assert calls == [0]
+        step(c, clock, 5)
+        assert calls == [0, 1], "wait_idle() returned before the due retry ran"
+        assert h.result(WAIT) == "ok"
 
 
 # ---------------------------------------------------------------- TTL

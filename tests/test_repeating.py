@@ -35,6 +35,7 @@ from _semantics_tasks import (
 from conftest import EventFactory
 
 from cluster import (
+    UNLIMITED,
     Cluster,
     ExponentialBackoff,
     FixedBackoff,
@@ -42,6 +43,8 @@ from cluster import (
     TaskCancelledError,
     TaskHandle,
     TaskState,
+    TaskTimeoutError,
+    current,
 )
 from cluster.testing import FakeClock
 
@@ -373,6 +376,29 @@ def test_occurrences_missed_while_no_worker_was_free_collapse_into_one_run(
         c.stop(timeout=WAIT)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the same for cron: a jump past several cron times gives two runs "
+    "(12:10's and 12:20's, both at 12:20), not one (SPEC §11, §18)",
+)
+def test_cron_a_clock_jump_past_several_times_gives_one_run(tz: Any) -> None:
+    tz("UTC")
+    clock = FakeClock(start=datetime(2024, 5, 1, 12, 1))
+    c = make(clock)
+    try:
+        seen: list[str] = []
+        c.add_task(lambda: seen.append(clock.now().strftime("%H:%M"))).repeat(
+            cron="*/5 * * * *"
+        ).submit()
+        settle(c)
+        step(c, clock, timedelta(minutes=4))
+        step(c, clock, timedelta(minutes=15))  # 12:10, 12:15 and 12:20 are missed
+        assert seen == ["12:05", "12:20"]
+    finally:
+        c.cancel()
+        c.stop(timeout=WAIT)
+
+
 # ---------------------------------------------------------------- failing runs, retries
 
 
@@ -467,6 +493,56 @@ def test_a_run_that_exhausts_its_retries_is_delivered_and_the_next_run_has_fresh
     assert runs_of(results) == [(0, "ConnectionError"), (1, "r1")]
     assert str(results[0].error) == "b"
     assert f.times == [1, 1, 61, 61]
+
+
+def test_a_run_that_times_out_is_delivered_and_the_series_goes_on(
+    c: Cluster, clock: FakeClock
+) -> None:
+    starts: list[float] = []
+
+    def run() -> str:
+        starts.append(clock.monotonic())
+        if len(starts) == 2:
+            current().cancelled.wait(WAIT)  # run 1 hangs until its timeout
+            return "too late"
+        return "in time"
+
+    h = c.add_task(run).with_delay(1).repeat(every=60, count=3).with_timeout(10).submit()
+    q = h.subscribe()
+    step(c, clock, 1)
+    clock.advance(60)
+    wait_eventually(lambda: len(starts) == 2)  # run 1 started: its deadline is set
+    step(c, clock, 10)
+    step(c, clock, 50)
+    results = drain(q)
+    assert [(r.run, r.value) for r in results] == [(0, "in time"), (1, None), (2, "in time")]
+    assert isinstance(results[1].error, TaskTimeoutError)
+    assert starts == [1, 61, 121]
+
+
+def test_an_async_series_keeps_the_grid_and_delivers_every_run(
+    c: Cluster, clock: FakeClock
+) -> None:
+    completed: SimpleQueue[Any] = SimpleQueue()
+
+    async def tick() -> float:
+        return clock.monotonic()
+
+    h = (
+        c.add_task(tick)
+        .with_delay(1)
+        .repeat(every=60, count=3)
+        .on_complete(lambda tid, value, error: completed.put(value))
+        .submit()
+    )
+    q = h.subscribe()
+    step(c, clock, 1)
+    step(c, clock, 60)
+    step(c, clock, 60)
+    result = h.wait(WAIT)
+    assert result is not None and (result.run, result.value) == (2, 121)
+    assert [(r.run, r.value) for r in drain(q)] == [(0, 1), (1, 61), (2, 121)]
+    assert [completed.get(timeout=WAIT) for _ in range(3)] == [1, 61, 121]
 
 
 def test_callbacks_run_once_per_run(c: Cluster, clock: FakeClock) -> None:
@@ -788,6 +864,28 @@ def test_stop_while_a_run_waits_to_retry_honours_the_backoff_then_ends_with_that
     assert not stopper.is_alive() and out == [None]
     assert runs_of(drain(q)) == [(0, "r0"), (1, "r1 after its retry")]
     assert f.calls == 3
+
+
+def test_stop_while_a_run_waits_on_an_unlimited_retry_ends_it_with_its_last_error(
+    c: Cluster, clock: FakeClock
+) -> None:
+    last = ConnectionError("run 1's last error")
+    f = Script(clock, "r0", last, "never")
+    h = (
+        c.add_task(f)
+        .with_retry(UNLIMITED)
+        .with_backoff(FixedBackoff(30))
+        .with_delay(1)
+        .repeat(every=60)
+        .submit()
+    )
+    q = h.subscribe()
+    step(c, clock, 1)
+    step(c, clock, 60)
+    c.stop(timeout=WAIT)  # at once: an UNLIMITED retry is not waited for
+    results = drain(q)
+    assert [(r.run, r.ok) for r in results] == [(0, True), (1, False)]
+    assert results[1].error is last
 
 
 def test_stop_with_cancel_pending_cancels_a_run_waiting_to_retry(

@@ -391,6 +391,39 @@ def test_retry_after_waits_exactly_its_delay_without_backoff_or_jitter(
     assert f.times[1] - f.times[0] == pytest.approx(expected, abs=1e-9)
 
 
+def test_retry_after_ignores_a_rules_own_backoff_but_counts_as_its_retry(
+    c: Cluster, clock: FakeClock
+) -> None:
+    f = Script(
+        clock,
+        lambda: chained(RetryAfter(3), ConnectionError()),
+        ConnectionError(),  # the rule's second retry: backoff(1)
+        "ok",
+    )
+    h = (
+        c.add_task(f)
+        .with_retry_rule(ConnectionError, retries=2, backoff=LinearBackoff(500, 100))
+        .submit()
+    )
+    assert retry_schedule(c, clock, h) == pytest.approx([3, 600], abs=1e-5)
+    assert h.result(WAIT) == "ok"
+
+
+def test_retry_if_sees_a_retry_after_without_a_cause_itself(c: Cluster, clock: FakeClock) -> None:
+    seen: list[BaseException] = []
+    error = RetryAfter(1)
+
+    def record(exc: BaseException) -> bool:
+        seen.append(exc)
+        return True
+
+    f = Script(clock, error, "ok")
+    h = c.add_task(f).with_retry(1).retry_if(record).submit()
+    assert retry_schedule(c, clock, h) == pytest.approx([1], abs=1e-6)
+    assert h.result(WAIT) == "ok"
+    assert seen == [error]
+
+
 def test_retry_after_from_a_cause_uses_the_budget_of_the_rule_the_cause_matches(
     c: Cluster, clock: FakeClock
 ) -> None:
@@ -726,6 +759,28 @@ def test_a_graceful_stop_ends_an_unlimited_retry_wait_at_once_with_its_last_erro
     result = h.wait(0)
     assert result is not None and result.error is last
     assert f.calls == 2
+
+
+def test_a_graceful_stop_wakes_an_unlimited_immediate_retry_and_ends_it(
+    c: Cluster, clock: FakeClock
+) -> None:
+    from cluster import RetryMode
+
+    last = ConnectionError("while its worker slept the backoff")
+    f = Script(clock, last, "never")
+    h = (
+        c.add_task(f)
+        .with_retry(UNLIMITED)
+        .with_backoff(FixedBackoff(60))
+        .with_retry_mode(RetryMode.IMMEDIATE)
+        .submit()
+    )
+    settle(c)
+    assert c.info(h.id).state is TaskState.RETRYING
+    c.stop(timeout=WAIT)
+    result = h.wait(0)
+    assert result is not None and result.error is last
+    assert f.calls == 1
 
 
 def test_a_graceful_stop_ends_a_running_unlimited_task_when_it_fails(
