@@ -9,11 +9,12 @@ helpers are for thread and event-loop tasks, which run in this process.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cluster import Cluster, RetryAfter, StopRetrying, TaskHandle, TaskInfo, TaskState, current
+from cluster import Cluster, RetryAfter, StopRetrying, TaskHandle, TaskState, current
 from cluster.testing import FakeClock
 
 WAIT = 5.0  #: generous real-time bound for anything that must happen "at once"
@@ -149,10 +150,6 @@ def retry_schedule(
     raise AssertionError(f"still retrying after {limit} retries")
 
 
-def info_of(c: Cluster, h: TaskHandle[Any]) -> TaskInfo:
-    return c.info(h.id)
-
-
 def stop_began(c: Cluster) -> bool:
     """True once ``c`` refuses submissions (a stop or cancel has begun)."""
     from cluster import ClusterStoppedError
@@ -162,6 +159,15 @@ def stop_began(c: Cluster) -> bool:
     except ClusterStoppedError:
         return True
     return False
+
+
+def eventually(cond: Callable[[], bool], what: str = "the condition") -> None:
+    """Poll a condition that cluster threads make true (a task that started, a stop
+    that began) for up to WAIT real seconds; only for states no event announces."""
+    end = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < end, f"{what} never happened"
+        time.sleep(0.002)
 
 
 def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:

@@ -25,6 +25,7 @@ from _semantics_tasks import (
     START,
     WAIT,
     Script,
+    eventually,
     in_thread,
     retry_schedule,
     settle,
@@ -91,14 +92,6 @@ def counter() -> Any:
     """A task returning 0, 1, 2, ... on successive calls."""
     calls = iter(range(10**9))
     return lambda: next(calls)
-
-
-def wait_eventually(cond: Any) -> None:
-    """Poll a condition of cluster state (a stop that has begun) for up to WAIT s."""
-    end = time.monotonic() + WAIT
-    while not cond():
-        assert time.monotonic() < end, "condition never became true"
-        time.sleep(0.002)
 
 
 # ---------------------------------------------------------------- the grid
@@ -303,7 +296,7 @@ def test_a_run_still_going_when_occurrences_pass_collapses_them_into_one_run(
 
     h = c.add_task(run).repeat(every=60).submit()  # two workers: overlap is possible
     q = h.subscribe()
-    wait_eventually(lambda: times == [0])
+    eventually(lambda: times == [0])
     clock.advance(130)  # 60 and 120 pass while run 0 is still going
     assert h.wait(0.1) is None
     assert times == [0]
@@ -511,7 +504,7 @@ def test_a_run_that_times_out_is_delivered_and_the_series_goes_on(
     q = h.subscribe()
     step(c, clock, 1)
     clock.advance(60)
-    wait_eventually(lambda: len(starts) == 2)  # run 1 started: its deadline is set
+    eventually(lambda: len(starts) == 2)  # run 1 started: its deadline is set
     step(c, clock, 10)
     step(c, clock, 50)
     results = drain(q)
@@ -788,7 +781,7 @@ def test_cancel_during_a_run_delivers_the_cancellation_as_that_runs_result(
     q = h.subscribe()
     step(c, clock, 1)  # run 0, after the subscription
     clock.advance(60)  # run 1 starts and blocks
-    wait_eventually(lambda: c.info(h.id).state is TaskState.RUNNING)
+    eventually(lambda: c.info(h.id).state is TaskState.RUNNING)
     assert c.cancel_task(h.id) is True
     result = h.wait(WAIT)  # at once, while the run is still blocked
     assert result is not None and isinstance(result.error, TaskCancelledError)
@@ -810,9 +803,9 @@ def test_stop_while_a_run_is_going_ends_the_series_with_that_runs_result(
     q = h.subscribe()
     step(c, clock, 1)  # run 0, after the subscription
     clock.advance(60)
-    wait_eventually(lambda: f.calls == 2)
+    eventually(lambda: f.calls == 2)
     stopper, out = in_thread(lambda: c.stop(timeout=WAIT))
-    wait_eventually(lambda: stop_began(c))
+    eventually(lambda: stop_began(c))
     assert h.wait(0.05) is None  # the stop waits for the run
     gate.set()
     stopper.join(WAIT)
@@ -856,7 +849,7 @@ def test_stop_while_a_run_waits_to_retry_honours_the_backoff_then_ends_with_that
     step(c, clock, 60)  # run 1 fails, waits 30 s to retry
     assert c.info(h.id).state is TaskState.RETRYING
     stopper, out = in_thread(lambda: c.stop(timeout=WAIT))
-    wait_eventually(lambda: stop_began(c))
+    eventually(lambda: stop_began(c))
     assert h.wait(0.05) is None  # the retry is still to come
     assert c.info(h.id).state is TaskState.RETRYING
     clock.advance(30)

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import _semantics_tasks as tasks
 import pytest
@@ -26,6 +27,7 @@ from _semantics_tasks import (
     Script,
     SlowDown,
     chained,
+    eventually,
     in_thread,
     retry_schedule,
     settle,
@@ -45,6 +47,7 @@ from cluster import (
     RetryAfter,
     StopRetrying,
     TaskCancelledError,
+    TaskHandle,
     TaskState,
     current,
 )
@@ -67,9 +70,9 @@ def c(clock: FakeClock, new_event: EventFactory) -> Iterator[Cluster]:
     cluster.stop(timeout=WAIT)
 
 
-def outcome(c: Cluster, h: object) -> tuple[TaskState, BaseException | None, int]:
+def outcome(c: Cluster, h: TaskHandle[Any]) -> tuple[TaskState, BaseException | None, int]:
     """(state, error, attempts) of a finished, cached task."""
-    info = c.info(h.id)  # type: ignore[attr-defined]
+    info = c.info(h.id)
     return info.state, info.error, info.attempts
 
 
@@ -795,7 +798,7 @@ def test_a_graceful_stop_ends_a_running_unlimited_task_when_it_fails(
 
     h = c.add_task(blocked).with_retry(UNLIMITED).submit()
     stopper, out = in_thread(lambda: c.stop(timeout=WAIT))
-    assert_eventually(lambda: stop_began(c))
+    eventually(lambda: stop_began(c))
     gate.set()
     stopper.join(WAIT)
     assert not stopper.is_alive() and out == [None]
@@ -808,21 +811,13 @@ def test_a_graceful_stop_still_uses_up_a_finite_budget(c: Cluster, clock: FakeCl
     h = c.add_task(f).with_retry(3).with_backoff(FixedBackoff(60)).submit()
     settle(c)
     stopper, out = in_thread(lambda: c.stop(timeout=WAIT))
-    assert_eventually(lambda: stop_began(c))
+    eventually(lambda: stop_began(c))
     assert h.wait(0.05) is None  # the stop waits for the retry
     clock.advance(60)
     stopper.join(WAIT)
     assert not stopper.is_alive() and out == [None]
     assert h.result(0) == "retried during the stop"
     assert f.calls == 2
-
-
-def assert_eventually(cond: object) -> None:
-    """Poll a condition of cluster state (a stop that has begun) for up to WAIT s."""
-    end = time.monotonic() + WAIT
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition never became true"
-        time.sleep(0.002)
 
 
 # ---------------------------------------------------------------- last_error, next_attempt_at
