@@ -97,7 +97,7 @@ class AsyncBackend(Backend):
         self._kicked = False  # a _dispatch is scheduled on the loop
         self._timer_at = float("inf")  # when the loop's dispatch timer fires
         self._owed = 0  # attempts delivering their Result on the loop, outside the lock
-        self._sleepers: set[_Slot] = set()  # IMMEDIATE backoffs in progress
+        self._sleepers: dict[_Slot, Task] = {}  # IMMEDIATE backoffs in progress
         self._closing = False
         # ---- loop thread only ----
         self._timer: asyncio.TimerHandle | None = None
@@ -144,6 +144,10 @@ class AsyncBackend(Backend):
     def owed_locked(self) -> bool:
         """The loop is delivering a Result."""
         return self._owed > 0
+
+    def busy_locked(self, now: float) -> bool:
+        """An IMMEDIATE backoff is over and its retry has not resumed yet."""
+        return any(task.start <= now for task in self._sleepers.values())  # type: ignore[operator]
 
     def watch_locked(self, now: float) -> float | None:
         """The service thread's look: is the loop blocked while attempts run?"""
@@ -296,7 +300,7 @@ class AsyncBackend(Backend):
                     )
             decision = rearm = None
             opts = task.opts
-            if opts is not DEFAULT_OPTIONS and (error is not None or opts.repeat is not None):
+            if error is not None or (opts is not DEFAULT_OPTIONS and opts.repeat is not None):
                 stopping = not sched.runs_allowed  # user code, on the loop:
                 decision, rearm = plan(
                     task, ctx, error, sched.rng, stopping, rt.monotonic(), rt.clock
@@ -307,20 +311,22 @@ class AsyncBackend(Backend):
                 code = sched.finish(task, ctx, value, error, decision, rt.monotonic(), rearm)
                 if code == DONE:
                     rt.settle_locked(1)
-                    if task.sinks is not None:
-                        self._owed += 1
+                    if task.sinks is not None or has_callbacks(task):
+                        self._owed += 1  # until delivered and its callbacks handed over
                     if sched.expiry_armed:
                         rt.arm_expiry_locked()
                 elif code == REQUEUED:
                     self.queued_locked(task, False)
                 elif code == RUN_ENDED:
                     run_ended = rt.deliver_run_locked(task)
+                    if run_ended is not None:  # callbacks: to a runner, now (wait_idle)
+                        rt.runners.submit_locked(_run_callbacks, (task, run_ended), None)
                     self.queued_locked(task, task.state is TaskState.PENDING)
                 elif code == SLEEP:
                     sleeping = task.ctx
                     sleeping._hook = slot.abort  # type: ignore[union-attr]
                     slot.aborted = False
-                    self._sleepers.add(slot)
+                    self._sleepers[slot] = task
                 if sched.woken:
                     rt.wake_lanes_locked()
                 if self.lane.queued and not self._kicked:
@@ -333,20 +339,19 @@ class AsyncBackend(Backend):
             if dead:
                 rt.bury(dead)
             if code == DONE:
-                if task.sinks is not None:
+                callbacks = has_callbacks(task)
+                if task.sinks is not None or callbacks:
                     deliver_sinks(task)
                     with rt.lock:
+                        if callbacks:  # plain functions, maybe slow: not on the loop
+                            rt.runners.submit_locked(_callbacks_then_release, task, None)
                         self._owed -= 1
                         rt.settle_locked(0)  # a stop() may wait for this delivery
-                if has_callbacks(task):
-                    rt.runners.submit(_callbacks_then_release, task)
-                else:
+                if not callbacks:
                     if task._error is not None and sched.dead_limit:
                         clear_frames(task.error)  # a dead letter
                     task.release()
                 return
-            if run_ended is not None:
-                rt.runners.submit(_run_callbacks, (task, run_ended))
             if code != SLEEP:
                 return
             # IMMEDIATE retry: sleep the backoff on the loop, then resume.
@@ -365,7 +370,7 @@ class AsyncBackend(Backend):
                     timer.cancel()
                 slot.wakeup = None
             with rt.lock:
-                self._sleepers.discard(slot)
+                self._sleepers.pop(slot, None)
                 resumed = sched.resume(task, sleeping, rt.monotonic())  # type: ignore[arg-type]
                 if resumed:
                     ctx = task.ctx  # type: ignore[assignment]

@@ -98,8 +98,9 @@ class Backend:
         lock (``stop()`` waits for that, so that every subscriber has its Result)."""
         return False
 
-    def calling_locked(self) -> bool:
-        """True while one of its threads runs a settled task's callbacks inline."""
+    def busy_locked(self, now: float) -> bool:
+        """True while one of its threads delivers or runs a settled task's callbacks,
+        or an attempt is due that no queue shows (an IMMEDIATE backoff that is over)."""
         return False
 
     def join(self, deadline: float | None) -> int:

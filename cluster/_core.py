@@ -40,10 +40,16 @@ from heapq import heapify, heappop, heappush
 
 from ._backoff import RetryMode
 from ._clock import Clock
-from ._errors import DuplicateTaskError, TaskNotFoundError, TaskTimeoutError
+from ._errors import (
+    DuplicateTaskError,
+    RetryAfter,
+    StopRetrying,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
 from ._gates import Gate
 from ._listing import Entry, Listing, fn_name
-from ._policy import DEFAULT, Decision, RetryCounts, applied
+from ._policy import DEFAULT, NONE, Decision, RetryCounts, applied
 from ._queues import ReadyQueue
 from ._task import DEFAULT_OPTIONS, TERMINAL, Options, Result, Task, TaskContext, TaskState
 from ._validate import UNLIMITED
@@ -80,6 +86,7 @@ REQUEUED = 2  #: a retry waits in the queue
 SLEEP = 3  #: RetryMode.IMMEDIATE: sleep the backoff on task.ctx, then ``resume``
 RUN_ENDED = 4  #: a repeating task's run ended, the series goes on: deliver ``run_result``
 
+_DIRECTIVES = (RetryAfter, StopRetrying)
 _COMPACT_MIN = 64  # dead heap entries tolerated before a rebuild is considered
 MAX_NAMES = 10_000  # distinct task names counted; further names share "other"
 
@@ -95,6 +102,8 @@ def decide(
     """
     policy = task.opts.retry_policy()
     if policy is None:
+        if isinstance(error, _DIRECTIVES) and error.__cause__ is not None:
+            return Decision(None, NONE, error.__cause__)  # no retry: end with the cause
         return None
     return policy.decide(
         error, task.opts.counts, rng, stopping=stopping, reset=ctx._reset, task_id=task.id
@@ -126,13 +135,19 @@ def plan(
     series = opts.series
     if repeat is None or series is None or stopping or (error is not None and repeat.stop_on_error):
         return decision, None
+    to_date, from_date = clock.to_date, clock.from_date
+    last = series.last_due
+    began = series.began
+    if began > last:
+        # Occurrences that passed before this run began (a clock jump, no free
+        # worker) collapsed into this run: the grid goes on from the latest of them.
+        caught = repeat.next_due(
+            series.first, last, began, runs=0, now_wall=to_date, from_wall=from_date
+        )
+        if caught is not None and caught <= began:
+            last = caught
     rearm = repeat.next_due(
-        series.first,
-        series.last_due,
-        now,
-        runs=series.run + 1,
-        now_wall=clock.to_date,
-        from_wall=clock.from_date,
+        series.first, last, now, runs=series.run + 1, now_wall=to_date, from_wall=from_date
     )
     return decision, rearm
 
@@ -389,12 +404,14 @@ class Scheduler:
         lane.queued -= 1
         lane.running += 1
         task.state = RUNNING
-        if task.opts.timeout is not None or task.attempts:
+        if opts.timeout is not None or task.attempts:
             self._begin(task, lane, TaskContext(task, task.attempts, None), now)
         else:  # the common case, inlined: a first attempt without timeout
             task.attempts = 1
             task.started_at = now
             task.ctx = TaskContext(task, 0, None)
+        if opts.series is not None and task.attempts == 1:
+            opts.series.began = now  # a run begins
         return task
 
     # -- keys and limits -----------------------------------------------------------

@@ -34,7 +34,22 @@ class TaskTimeoutError(ClusterError, TimeoutError):
 
 
 class TaskCancelledError(ClusterError, concurrent.futures.CancelledError):
-    """The task was cancelled (by ``cancel_task``, ``cancel()`` or a shutdown)."""
+    """The task was cancelled (by ``cancel_task``, ``cancel()`` or a shutdown).
+
+    ``reason`` says which: ``"cancelled"``, ``"shutdown"``, or ``"fork"`` (inherited by a
+    forked child process), or None when raised by other code.
+    """
+
+    def __init__(self, *args: object, reason: str | None = None) -> None:
+        super().__init__(*args)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_cancelled, (self.args, self.reason))
+
+
+def _cancelled(args: tuple[object, ...], reason: str | None) -> TaskCancelledError:
+    return TaskCancelledError(*args, reason=reason)
 
 
 class DuplicateTaskError(ClusterError):

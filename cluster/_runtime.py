@@ -879,21 +879,13 @@ class Runtime:
 
     def _results(self, task: Task, timeout: float | None) -> Iterator[Result[Any]]:
         sink = SeriesSink()
-        with self.lock:
+        with self.lock:  # subscribed now, at the call: no run that ends later is missed
             terminal = task.state in TERMINAL
             if not terminal:
                 self._add_sink_locked(task, sink)
         if terminal:
-            yield task.result()
-            return
-        while True:
-            try:
-                result, last = sink.queue.get(timeout=timeout)
-            except Empty:
-                raise TimeoutError(f"no Result of task {task.id!r} within {timeout}s") from None
-            yield result
-            if last:
-                return
+            return iter((task.result(),))
+        return _series_results(task, sink, timeout)
 
     @staticmethod
     def _add_sink_locked(task: Task, sink: Sink) -> None:
@@ -972,12 +964,11 @@ class Runtime:
             if self.state >= STOPPING and not self.unsettled:
                 with self.lock:
                     self._settled.notify_all()
-        if has_callbacks(task):
-            slot.calling = True  # (wait_idle looks; written by this slot alone)
-            try:
+        try:
+            if has_callbacks(task):
                 run_callbacks(task)
-            finally:
-                slot.calling = False
+        finally:
+            slot.calling = False  # set under the lock by the slot when it settled the task
 
     # ------------------------------------------------------------------ idleness
 
@@ -1011,7 +1002,7 @@ class Runtime:
             if due is not None and due <= now:
                 return True
         for backend in self.backends.values():
-            if backend.owed_locked() or backend.calling_locked():
+            if backend.owed_locked() or backend.busy_locked(now):
                 return True
         return self.runners.busy_locked()
 
@@ -1111,6 +1102,19 @@ class Runtime:
             lane.queued = lane.delayed = lane.running = 0
         sched.abandoned.clear()
         sched.graveyard = []
+
+
+def _series_results(
+    task: Task, sink: SeriesSink, timeout: float | None
+) -> Iterator[Result[Any]]:
+    while True:
+        try:
+            result, last = sink.queue.get(timeout=timeout)
+        except Empty:
+            raise TimeoutError(f"no Result of task {task.id!r} within {timeout}s") from None
+        yield result
+        if last:
+            return
 
 
 def _callbacks_then_release(task: Task) -> None:

@@ -92,7 +92,8 @@ class SlotPool(Backend):
         self._idle: list[Slot] = []  # idle slots, most recently idle last
         self._timekeeper: Slot | None = None  # the idle slot waiting for the next start
         self._timer_target = math.inf  # when the timekeeper wakes by itself
-        self._sleepers: set[Slot] = set()  # slots sleeping an IMMEDIATE retry's backoff
+        #: Slots sleeping an IMMEDIATE retry's backoff, and the task each sleeps for.
+        self._sleepers: dict[Slot, Task] = {}
 
     @property
     def capacity(self) -> int:
@@ -150,9 +151,11 @@ class SlotPool(Backend):
         """A slot is delivering a Result outside the lock."""
         return any(slot.owed for slot in self._pool)
 
-    def calling_locked(self) -> bool:
-        """A slot runs callbacks (of a task it settled, or of a series' run)."""
-        return any(slot.calling for slot in self._pool)
+    def busy_locked(self, now: float) -> bool:
+        """A slot delivers or runs callbacks, or an IMMEDIATE backoff is over."""
+        if any(slot.calling for slot in self._pool):
+            return True
+        return any(task.start <= now for task in self._sleepers.values())  # type: ignore[operator]
 
     def join(self, deadline: float | None) -> int:
         """Join the slot threads (not the abandoned ones) until ``deadline``."""
@@ -304,12 +307,16 @@ class SlotPool(Backend):
                             deliver = deliver or has_callbacks(task)  # type: ignore[arg-type]
                             if sched.expiry_armed:
                                 rt.arm_expiry_locked()
+                        if deliver:
+                            me.calling = True  # until delivered (wait_idle looks)
                     elif code == SLEEP:
                         sleeping = task.ctx  # type: ignore[union-attr]
                         sleeping._hook = me.poke  # type: ignore[union-attr]  # cancel/stop wake it
-                        self._sleepers.add(me)
+                        self._sleepers[me] = task  # type: ignore[assignment]
                     elif code == RUN_ENDED:
                         run_ended = rt.deliver_run_locked(task)  # type: ignore[arg-type]
+                        if run_ended is not None:
+                            me.calling = True  # until its callbacks ran
                         if task.start > now and task.start < self._timer_target:  # type: ignore[union-attr,operator]
                             self._wake_timekeeper_locked()
                     elif code == REQUEUED:
@@ -320,7 +327,7 @@ class SlotPool(Backend):
                         action = _EXIT
                     # (STALE on a killing backend: the slot already recovered; go on.)
                 elif sleeping is not None:  # the backoff is over (or was cut short)
-                    self._sleepers.discard(me)
+                    self._sleepers.pop(me, None)
                     if sched.resume(task, sleeping, now):  # type: ignore[arg-type]
                         nxt = task
                         fresh_ctx: TaskContext = task.ctx  # type: ignore[union-attr,assignment]
@@ -373,7 +380,6 @@ class SlotPool(Backend):
                 finished.kwargs = _NO_KWARGS
                 finished = None
             elif run_ended is not None:
-                me.calling = True
                 try:
                     run_callbacks(task, run_ended)  # type: ignore[arg-type]
                 finally:
@@ -421,7 +427,7 @@ class SlotPool(Backend):
                 current.reset(token)
             decision = rearm = None
             opts = task.opts  # type: ignore[union-attr]
-            if opts is not DEFAULT_OPTIONS and (error is not None or opts.repeat is not None):
+            if error is not None or (opts is not DEFAULT_OPTIONS and opts.repeat is not None):
                 opts = None  # (no local may keep a task's state alive while idle)
                 stopping = not sched.runs_allowed
                 decision, rearm = plan(task, ctx, error, sched.rng, stopping, clock(), rt_clock)  # type: ignore[arg-type]

@@ -267,11 +267,12 @@ class Options:
 class Series:
     """A repeating task's runs (SPEC §11); guarded by the cluster lock."""
 
-    __slots__ = ("first", "last_due", "run")
+    __slots__ = ("began", "first", "last_due", "run")
 
     def __init__(self, first: float) -> None:
         self.first = first  #: when run 0 was due (monotonic): the grid's origin
         self.last_due = first  #: when the current (or latest) run was due
+        self.began = first  #: when the current (or latest) run's first attempt began
         self.run = 0  #: runs started before the current one
 
 
@@ -379,7 +380,7 @@ class Task:
                 error = self._error
                 if type(error) is str:
                     error = self._error = TaskCancelledError(
-                        f"task {self.id!r} was {_REASON_WORDS[error]}"
+                        f"task {self.id!r} was {_REASON_WORDS[error]}", reason=error
                     )
         return error  # type: ignore[return-value]
 
@@ -451,7 +452,9 @@ class TaskContext:
             return
         if reason == "timeout":
             raise TaskTimeoutError(f"task {self.task_id!r} attempt {self.attempt} timed out")
-        raise TaskCancelledError(f"task {self.task_id!r} was {_REASON_WORDS[reason]}")
+        raise TaskCancelledError(
+            f"task {self.task_id!r} was {_REASON_WORDS[reason]}", reason=reason
+        )
 
     def progress(self, value: Any) -> None:
         """Record progress, visible through ``Cluster.info(task_id).progress``."""

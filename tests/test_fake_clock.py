@@ -268,12 +268,6 @@ def test_an_immediate_retry_sleeps_on_the_fake_clock(c: Cluster, clock: FakeCloc
 
 
 @pytest.mark.parametrize("kind", ["thread", "async"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wait_idle() after advance() returns before a due IMMEDIATE retry "
-    "has run: a worker sleeping an IMMEDIATE backoff is neither running nor in a "
-    "timer heap, so _busy_locked does not see it",
-)
 def test_wait_idle_after_advance_waits_for_a_due_immediate_retry(
     c: Cluster, clock: FakeClock, kind: str
 ) -> None:
@@ -307,12 +301,6 @@ def test_wait_idle_after_advance_waits_for_a_due_immediate_retry(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wait_idle() may return before the on_complete callback of an async "
-    "series' run has run: the event loop hands it to a runner only after releasing "
-    "the lock (about 1 run in 100 here)",
-)
 def test_wait_idle_waits_for_the_callbacks_of_an_async_series_run(
     c: Cluster, clock: FakeClock
 ) -> None:

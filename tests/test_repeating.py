@@ -205,12 +205,6 @@ def test_results_of_a_finished_series_is_its_last_result(c: Cluster, clock: Fake
     assert [(r.run, r.value) for r in h.results(timeout=WAIT)] == [(1, 1)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: handle.results() subscribes only at the first next(), not when called: "
-    "a run that ends between results() and the first next() is lost (subscribe() "
-    "registers at the call)",
-)
 def test_results_sees_a_run_that_ends_after_results_was_called(
     c: Cluster, clock: FakeClock
 ) -> None:
@@ -327,12 +321,6 @@ def test_a_run_that_moves_the_clock_past_occurrences_collapses_them(
     assert times == [0, 150, 180, 240]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a clock jump past several occurrences of a waiting series gives TWO "
-    "runs back to back (one for the first missed occurrence, one for the latest), "
-    "not one collapsed run (SPEC §11, §18)",
-)
 def test_a_clock_jump_past_several_occurrences_gives_one_run(c: Cluster, clock: FakeClock) -> None:
     f = Script(clock)
     h = c.add_task(f).repeat(every=60).with_cache().submit()
@@ -342,11 +330,6 @@ def test_a_clock_jump_past_several_occurrences_gives_one_run(c: Cluster, clock: 
     assert c.info(h.id).next_run_at == START + timedelta(seconds=240)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: occurrences missed while no worker was free collapse into two runs, "
-    "not one (SPEC §11)",
-)
 def test_occurrences_missed_while_no_worker_was_free_collapse_into_one_run(
     clock: FakeClock, new_event: EventFactory
 ) -> None:
@@ -369,11 +352,6 @@ def test_occurrences_missed_while_no_worker_was_free_collapse_into_one_run(
         c.stop(timeout=WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the same for cron: a jump past several cron times gives two runs "
-    "(12:10's and 12:20's, both at 12:20), not one (SPEC §11, §18)",
-)
 def test_cron_a_clock_jump_past_several_times_gives_one_run(tz: Any) -> None:
     tz("UTC")
     clock = FakeClock(start=datetime(2024, 5, 1, 12, 1))

@@ -504,11 +504,6 @@ def test_retry_after_without_a_cause_and_no_budget_fails_with_the_retry_after(
     assert c.info(h.id).state is TaskState.FAILED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a task without with_retry/rules that raises RetryAfter(...) from cause "
-    "fails with the RetryAfter, not its cause (SPEC §10); no policy is consulted",
-)
 def test_retry_after_from_a_cause_on_a_task_without_retries_fails_with_the_cause(
     c: Cluster, clock: FakeClock
 ) -> None:
@@ -518,11 +513,6 @@ def test_retry_after_from_a_cause_on_a_task_without_retries_fails_with_the_cause
     assert result is not None and result.error is cause
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with_retry(0) and a RetryAfter from cause: the task fails with the "
-    "RetryAfter, not its cause (SPEC §10)",
-)
 def test_retry_after_from_a_cause_with_retry_zero_fails_with_the_cause(
     c: Cluster, clock: FakeClock
 ) -> None:
@@ -586,11 +576,6 @@ def test_stop_retrying_is_not_shown_to_retry_if(c: Cluster, clock: FakeClock) ->
     assert f.calls == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a task without with_retry/rules that raises StopRetrying() from err "
-    "fails with the StopRetrying, not err (SPEC §10)",
-)
 def test_stop_retrying_from_an_error_on_a_task_without_retries_fails_with_it(
     c: Cluster, clock: FakeClock
 ) -> None:
