@@ -26,10 +26,14 @@ from ._errors import (
     RetryAfter,
     StopRetrying,
     StopTimeoutError,
+    StoreError,
+    StoreLockedError,
+    StoreWriteError,
     TaskCancelledError,
     TaskInterruptedError,
     TaskNotFoundError,
     TaskTimeoutError,
+    UnknownTaskTypeError,
     WorkerCrashedError,
 )
 from ._futures import Executor
@@ -48,19 +52,30 @@ from ._task import (
 from ._validate import UNLIMITED
 
 if TYPE_CHECKING:
+    from ._durable import UNAVAILABLE, StoredError
     from ._process import ProcessExecutor
+    from ._store import SQLiteStore
+
+#: Names whose modules pull in more of the standard library: loaded on first use.
+_LAZY = {
+    "ProcessExecutor": "_process",
+    "SQLiteStore": "_store",
+    "StoredError": "_durable",
+    "UNAVAILABLE": "_durable",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Parts that pull in more of the standard library load on first use.
-    if name == "ProcessExecutor":
-        from ._process import ProcessExecutor
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+    import importlib
 
-        return ProcessExecutor
-    raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cluster.{module}"), name)
 
 
 __all__ = [
+    "UNAVAILABLE",
     "UNLIMITED",
     "Attachment",
     "Cluster",
@@ -83,8 +98,13 @@ __all__ = [
     "Result",
     "RetryAfter",
     "RetryMode",
+    "SQLiteStore",
     "StopRetrying",
     "StopTimeoutError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreWriteError",
+    "StoredError",
     "TaskBuilder",
     "TaskCancelledError",
     "TaskContext",
@@ -95,6 +115,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskState",
     "TaskTimeoutError",
+    "UnknownTaskTypeError",
     "WorkerCrashedError",
     "as_completed",
     "current",

@@ -246,11 +246,9 @@ class AsyncBackend(Backend):
             due = sched.next_due(lane)
             self._timer_at = float("inf") if due is None else due
             wait = None if due is None else rt.clock.timeout(max(0.0, due - now))
-            dead = sched.graveyard
-            if dead:
-                sched.graveyard = []
-        if dead:
-            rt.bury(dead)
+            left = rt.leftovers_locked()
+        if left is not None:
+            rt.after_lock(left)  # (durable attempts are recorded before they start)
         loop = self._loop
         assert loop is not None
         for task, ctx, slot in started:
@@ -332,12 +330,10 @@ class AsyncBackend(Backend):
                 if self.lane.queued and not self._kicked:
                     self._kicked = True  # a slot is free and tasks wait: on this loop
                     asyncio.get_running_loop().call_soon(self._dispatch)
-                dead = sched.graveyard
-                if dead:
-                    sched.graveyard = []
+                left = rt.leftovers_locked()
             del value, error
-            if dead:
-                rt.bury(dead)
+            if left is not None:
+                rt.after_lock(left)  # persist, then deliver
             if code == DONE:
                 callbacks = has_callbacks(task)
                 if task.sinks is not None or callbacks:

@@ -237,9 +237,8 @@ class TaskBuilder(Generic[T]):
         task = self._task
         if task is None:
             raise RuntimeError("this TaskBuilder was already submitted")
-        opts = task.opts
-        if opts is not DEFAULT_OPTIONS and opts.repeat is not None:
-            self._start_series(task)
+        if task.opts is not DEFAULT_OPTIONS:
+            self._prepare_submit()
         self._task = None
         try:
             self._host._submit(task)
@@ -247,6 +246,14 @@ class TaskBuilder(Generic[T]):
             self._task = task
             raise
         return TaskHandle(self._host, task)
+
+    def _prepare_submit(self) -> None:
+        """What submit does before the task is handed over (a series' first run)."""
+        task = self._task
+        assert task is not None
+        opts = task.opts
+        if opts.repeat is not None and opts.series is None:
+            self._start_series(task)
 
     def _start_series(self, task: Task) -> None:
         """A repeating task's first run: its grid's origin (SPEC §11)."""

@@ -21,13 +21,24 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from ._backend import Backend
 from ._builder import TaskBuilder, TaskHandle
 from ._clock import Clock, SystemClock
+from ._errors import UnknownTaskTypeError
 from ._runtime import RESERVED, Runtime
-from ._task import ClusterStats, DeadLetter, NameStats, Result, Task, TaskInfo, TaskState
+from ._task import (
+    DEFAULT_OPTIONS,
+    ClusterStats,
+    DeadLetter,
+    NameStats,
+    Result,
+    Task,
+    TaskInfo,
+    TaskState,
+)
 from ._validate import Duration, integer, seconds
 
 if TYPE_CHECKING:
     from ._background import Intermittent
     from ._group import TaskGroup
+    from ._store import BadRow, SQLiteStore
 
 
 def _listing_args(
@@ -100,6 +111,7 @@ class Cluster:
         max_pending: int | None = None,
         on_full: str = "block",
         dead_letters: int = 1000,
+        store: str | os.PathLike[str] | SQLiteStore | None = None,
     ) -> None:
         size = os.cpu_count() or 1 if workers is None else integer(workers, "workers", minimum=1)
         named: dict[str, Backend] = {}
@@ -140,6 +152,16 @@ class Cluster:
             reject=on_full == "reject",
             dead_letters=dead_limit,
         )
+        if store is not None:
+            from ._store import SQLiteStore  # only a cluster with a store needs sqlite3
+
+            if not isinstance(store, SQLiteStore):
+                if not isinstance(store, (str, os.PathLike)):
+                    raise TypeError(
+                        f"store must be a path or a SQLiteStore, got {type(store).__name__}"
+                    )
+                store = SQLiteStore(store)
+            rt.attach_store(store)
         # The hot query paths go straight to the runtime (no extra call per use).
         self.cancel_task = rt.cancel_task  # type: ignore[method-assign]
         self.subscribe = rt.subscribe  # type: ignore[method-assign]
@@ -198,13 +220,22 @@ class Cluster:
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> TaskBuilder[T]: ...
 
-    def add_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskBuilder[Any]:
+    @overload
+    def add_task(self, fn: str, /, *args: Any, **kwargs: Any) -> TaskBuilder[Any]: ...
+
+    def add_task(
+        self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> TaskBuilder[Any]:
         """Start building a task that calls ``fn(*args, **kwargs)``; finish with ``submit()``.
 
         An ``async def`` function (also through ``functools.partial``) runs on the
-        ``"async"`` executor unless ``with_executor`` says otherwise.
+        ``"async"`` executor unless ``with_executor`` says otherwise. A ``str`` names a
+        registered task type (``register``): its arguments must be JSON, and on a
+        cluster with a store the task is durable.
         """
         if not callable(fn):
+            if isinstance(fn, str):
+                return self._registered(fn, args, kwargs)
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         task = Task(fn, args, kwargs)
         rt = self._rt
@@ -216,6 +247,82 @@ class Cluster:
         elif inspect.iscoroutinefunction(fn):
             task.lane = rt._async_lane()
         return TaskBuilder(rt, task)
+
+    def _registered(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskBuilder[Any]:
+        rt = self._rt
+        fn = rt.registry.get(name)
+        if fn is None:
+            known = ", ".join(repr(n) for n in sorted(rt.registry)) or "none"
+            raise UnknownTaskTypeError(
+                f"fn must be callable or a registered task type; no task type named {name!r} "
+                f"is registered (registered: {known})"
+            )
+        from ._durable import Durable, check_json
+
+        check_json(args, kwargs)
+        builder = self.add_task(fn, *args, **kwargs)
+        task = builder._task
+        assert task is not None
+        opts = task.opts = DEFAULT_OPTIONS.copy()
+        opts.name = name
+        if rt.store is not None:
+            opts.durable = Durable(name, args, kwargs)
+        return builder
+
+    def register(self, name: str, fn: Callable[P, T] | None = None) -> Any:
+        """Register ``fn`` as the task type ``name``: ``c.add_task(name, ...)`` then runs it,
+        and on a cluster with a store such tasks are durable (they survive restarts).
+        Usable as a decorator: ``@c.register("send_email")``. A name registered twice:
+        ValueError."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not name:
+            raise ValueError("name must be a non-empty str")
+        if fn is None:
+
+            def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+                self.register(name, fn)
+                return fn
+
+            return decorate
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self._rt.register(name, fn)
+        return fn
+
+    def submit_all(self, builders: Iterable[TaskBuilder[Any]]) -> list[TaskHandle[Any]]:
+        """Submit several builders all or none: if one is refused (a duplicate id, bad
+        input, a stopped cluster), none is queued and the error is raised. Durable tasks
+        among them are committed in one transaction."""
+        rt = self._rt
+        items = list(builders)
+        tasks: list[Task] = []
+        for i, builder in enumerate(items):
+            if not isinstance(builder, TaskBuilder):
+                kind = type(builder).__name__
+                raise TypeError(f"builders[{i}] must be a TaskBuilder, got {kind}")
+            if builder._host is not rt:
+                raise ValueError(f"builders[{i}] belongs to another cluster")
+            task = builder._task
+            if task is None:
+                raise RuntimeError(f"builders[{i}] was already submitted")
+            if task in tasks:
+                raise ValueError(f"builders[{i}] is given twice")
+            tasks.append(task)
+        for builder in items:
+            builder._prepare_submit()
+        rt.submit_many(tasks)
+        for builder in items:
+            builder._task = None
+        return [TaskHandle(rt, task) for task in tasks]
+
+    @property
+    def unrecovered(self) -> list[BadRow]:
+        """Stored rows that could not become tasks when the cluster ran (an unknown
+        type, an unreadable doc): kept in the store, untouched, with the reason."""
+        return list(self._rt.unrecovered)
 
     # ------------------------------------------------------------------ queries and control
 

@@ -36,10 +36,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from heapq import heapify, heappop, heappush
+from typing import TYPE_CHECKING
 
 from ._backoff import RetryMode
 from ._clock import Clock
+from ._durable_ids import DEAD_PREFIX
 from ._errors import (
     DuplicateTaskError,
     RetryAfter,
@@ -53,6 +56,9 @@ from ._policy import DEFAULT, NONE, Decision, RetryCounts, applied
 from ._queues import ReadyQueue
 from ._task import DEFAULT_OPTIONS, TERMINAL, Options, Result, Task, TaskContext, TaskState
 from ._validate import UNLIMITED
+
+if TYPE_CHECKING:
+    from ._store import Row
 
 __all__ = [
     "DONE",
@@ -300,6 +306,15 @@ class Scheduler:
         #: Per task name: [succeeded, failed, cancelled, timed_out] since creation.
         self.by_name: dict[str, list[int]] = {}
         self.listing = Listing()
+        # Durable tasks (SPEC §14): each transition a restart must know of leaves its
+        # row (or, for a task the store forgets, its id) here; the caller hands them to
+        # the store while it holds the lock (so rows reach it in transition order) and
+        # waits for the commit after releasing it, before it delivers or runs anything.
+        self.journal: list[Row | str] = []
+        #: Makes a durable task's row (injected by the cluster when it has a store).
+        self.encode: Callable[[Task, str | None], Row] | None = None
+        #: Ids reserved by a durable submit that is being committed (see ``reserve``).
+        self.reserved: dict[str, Task] = {}
         # Counters.
         self.submitted = self.succeeded = self.failed = 0
         self.cancelled = self.timed_out = self.retried = 0
@@ -317,20 +332,24 @@ class Scheduler:
         if self._expiry and self._expiry[0][0] <= now:
             self.purge(now)
         tasks = self.tasks
+        reserved = self.reserved
         tid = task.id
-        if tid is None:
-            tid = f"t{self._ids()}"
-            while tid in tasks:  # a user took this id with with_id()
+        if reserved and reserved.get(tid) is task:  # type: ignore[arg-type]
+            del reserved[tid]  # type: ignore[arg-type]  # phase two of a durable submit
+        else:
+            if tid is None:
                 tid = f"t{self._ids()}"
-            task.id = tid
-        elif tid in tasks:
-            raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
+                while tid in tasks or (reserved and tid in reserved):  # taken with with_id()
+                    tid = f"t{self._ids()}"
+                task.id = tid
+            elif tid in tasks or (reserved and tid in reserved):
+                raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
+            task.seq = self._seq()
+            task.submitted_at = now
         lane = task.lane
         if lane is None:
             lane = task.lane = self._lane0
-        tasks[tid] = task
-        task.seq = self._seq()
-        task.submitted_at = now
+        tasks[tid] = task  # type: ignore[index]
         self.submitted += 1
         start = task.start
         if start is None or start <= now:
@@ -373,6 +392,8 @@ class Scheduler:
                 del tasks[task.id]  # type: ignore[arg-type]
                 if task.seq <= listing.upto:
                     listing.note_removed(task.seq)
+                if task.opts.durable is not None:
+                    self._forget_row(task)
 
     def next_expiry(self) -> float | None:
         """When the earliest cached result is due to be purged, or None."""
@@ -410,9 +431,84 @@ class Scheduler:
             task.attempts = 1
             task.started_at = now
             task.ctx = TaskContext(task, 0, None)
-        if opts.series is not None and task.attempts == 1:
-            opts.series.began = now  # a run begins
+        if opts is not DEFAULT_OPTIONS:
+            if opts.series is not None and task.attempts == 1:
+                opts.series.began = now  # a run begins
+            if opts.durable is not None:
+                self._journal(task)  # running: after a crash, it was interrupted
         return task
+
+    # -- durable tasks ---------------------------------------------------------------
+
+    def _journal(self, task: Task, state: str | None = None) -> None:
+        """Note the row of durable ``task`` as it now stands."""
+        encode = self.encode
+        if encode is not None:
+            self.journal.append(encode(task, state))
+
+    def _forget_row(self, task: Task) -> None:
+        """The store forgets ``task`` (unless it still keeps it as a dead letter)."""
+        if self.encode is None:
+            return
+        self.journal.append(task.id)  # type: ignore[arg-type]
+        record = self.dead.get(task.id)  # type: ignore[arg-type]
+        if record is not None and record.seq == task.seq:
+            self.journal.append(self.encode(task, "dead"))  # under its own row id
+
+    def reserve(self, task: Task, now: float) -> None:
+        """Phase one of a durable submit: take the id and the submission order now, so
+        that the task's row is committed before the task is queued (``submit``)."""
+        tasks = self.tasks
+        reserved = self.reserved
+        tid = task.id
+        if tid is None:
+            tid = f"t{self._ids()}"
+            while tid in tasks or tid in reserved:
+                tid = f"t{self._ids()}"
+            task.id = tid
+        elif tid in tasks or tid in reserved:
+            raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
+        reserved[tid] = task
+        task.seq = self._seq()
+        task.submitted_at = now
+
+    def unreserve(self, task: Task) -> None:
+        """Phase one undone (its commit failed)."""
+        if self.reserved.get(task.id) is task:  # type: ignore[arg-type]
+            del self.reserved[task.id]  # type: ignore[arg-type]
+
+    def restore(self, task: Task, now: float) -> None:
+        """Put a task read back from the store where its state says it waits (its id,
+        seq, times and state are set). Terminal ones come back cached."""
+        self.tasks[task.id] = task  # type: ignore[index]
+        lane: Lane = task.lane  # type: ignore[assignment]
+        state = task.state
+        if state in TERMINAL:
+            if task.opts.ttl is not None and task.finished_at is not None:
+                heappush(self._expiry, (task.finished_at + task.opts.ttl, task.seq, task))
+                self.expiry_armed = True
+            return
+        if task.start <= now:  # type: ignore[operator]
+            task.state = PENDING
+            lane.queued += 1
+            lane.ready.push(task)
+        else:
+            if state is not RETRYING:
+                task.state = DELAYED
+            lane.delayed += 1
+            heappush(lane.timers, task)
+
+    def restore_dead(self, record: DeadRecord) -> None:
+        """A dead letter read back from the store."""
+        self.dead[record.id] = record
+
+    def start_ids_after(self, n: int) -> None:
+        """Generated ids (``t1``, ``t2``...) start past ``t{n}``."""
+        self._ids = itertools.count(n + 1).__next__
+
+    def start_seq_after(self, seq: int) -> None:
+        """New submissions come after ``seq`` (the newest one a store holds)."""
+        self._seq = itertools.count(seq + 1).__next__
 
     # -- keys and limits -----------------------------------------------------------
 
@@ -619,6 +715,8 @@ class Scheduler:
             task.state = RETRYING
             task._error = ending
             task.start = now + delay
+            if opts is not DEFAULT_OPTIONS and opts.durable is not None:
+                self._journal(task)
             if may_sleep and opts.retry_mode is RetryMode.IMMEDIATE:
                 # The worker sleeps on this context: cancel and stop signal it.
                 task.ctx = TaskContext(task, task.attempts, None)
@@ -668,6 +766,8 @@ class Scheduler:
             task.state = DELAYED
             lane.delayed += 1
             heappush(lane.timers, task)
+        if opts.durable is not None:
+            self._journal(task)
         return RUN_ENDED
 
     def resume(self, task: Task, ctx: TaskContext, now: float) -> bool:
@@ -681,6 +781,8 @@ class Scheduler:
         lane.delayed -= 1  # type: ignore[union-attr]
         lane.running += 1  # type: ignore[union-attr]
         self._begin(task, lane, TaskContext(task, task.attempts, None), now)  # type: ignore[arg-type]
+        if task.opts.durable is not None:
+            self._journal(task)
         return True
 
     # -- timeouts -------------------------------------------------------------
@@ -868,8 +970,14 @@ class Scheduler:
                 counts[3] += 1
             if self.dead_limit:
                 self._dead_letter(task, now)
-        if opts is not DEFAULT_OPTIONS and opts.holds:
-            self._release_key(task)
+        if opts is not DEFAULT_OPTIONS:
+            if opts.holds:
+                self._release_key(task)
+            if opts.durable is not None:
+                if opts.ttl is None:
+                    self._forget_row(task)
+                else:
+                    self._journal(task)  # cached: its Result survives a restart
         ttl = opts.ttl
         if ttl is None:
             # Registered by submit; only this transition, or the purge of a task
@@ -916,6 +1024,8 @@ class Scheduler:
     def _unlist_dead(self, record: DeadRecord) -> None:
         if record.seq <= self.listing.upto:
             self.listing.note_removed(record.seq)
+        if record.opts.durable is not None and self.encode is not None:
+            self.journal.append(DEAD_PREFIX + record.id)  # its own row
 
     @staticmethod
     def _dead_entry(record: DeadRecord) -> Entry:
@@ -1001,6 +1111,8 @@ class Scheduler:
             self._place(task, now)
         else:  # DELAYED: the timer heap orders by start time only
             task.priority = priority
+        if task.opts.durable is not None:
+            self._journal(task)
         return True
 
     def reschedule(self, task: Task, start: float, now: float) -> bool:
@@ -1010,6 +1122,8 @@ class Scheduler:
         self._lift(task)
         task.start = start
         self._place(task, now)
+        if task.opts.durable is not None:
+            self._journal(task)
         return True
 
     def _unstarted(self, task: Task) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "TaskInterruptedError",
     "TaskNotFoundError",
     "TaskTimeoutError",
+    "UnknownTaskTypeError",
     "WorkerCrashedError",
 ]
 
@@ -103,6 +104,13 @@ class WorkerCrashedError(ClusterError):
 
 def _crashed(message: str, exitcode: int | None, signal: int | None) -> WorkerCrashedError:
     return WorkerCrashedError(message, exitcode=exitcode, signal=signal)
+
+
+class UnknownTaskTypeError(ClusterError, ValueError, TypeError):
+    """``add_task(name)`` with a ``str`` that names no registered task type.
+
+    A ``ValueError`` (SPEC §14: an unknown type), and a ``TypeError`` too: the ``str``
+    is not callable either (SPEC §2)."""
 
 
 class QueueFullError(ClusterError):

@@ -26,10 +26,14 @@ import os
 import threading
 import traceback
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._durable import Durable
+    from ._store import BadRow, Loaded, Row, SQLiteStore, Ticket
 
 from . import _task
 from ._backend import Backend, join_threads
@@ -43,18 +47,23 @@ from ._delivery import (
     has_callbacks,
     run_callbacks,
 )
+from ._durable import MAX_INTERRUPTS, BadDoc, Durable, decode_doc, encode, expires_at
 from ._errors import (
     ClusterError,
     ClusterStoppedError,
     DuplicateTaskError,
     QueueFullError,
     StopTimeoutError,
+    StoreWriteError,
+    TaskInterruptedError,
     TaskNotFoundError,
     TaskTimeoutError,
 )
 from ._listing import Entry, fn_name
+from ._policy import applied
 from ._service import Service
 from ._slots import Slot, ThreadPool
+from ._store import BadRow, Loaded, Row, SQLiteStore, Ticket
 from ._sync import MAX_WAIT, acquire_bounded, acquire_contended, wait_event
 from ._task import (
     DEFAULT_OPTIONS,
@@ -72,7 +81,7 @@ from ._task import (
     TaskState,
 )
 
-__all__ = ["ASYNC", "RESERVED", "THREADS", "Runtime", "current_runtime"]
+__all__ = ["ASYNC", "RESERVED", "THREADS", "Leftovers", "Runtime", "current_runtime"]
 
 log = logging.getLogger("cluster")
 
@@ -100,6 +109,20 @@ _LOCAL = threading.local()
 
 #: Runtimes not yet garbage collected, for the exit hook and the fork handler.
 _LIVE: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+#: What a stored task's id is reserved with until the store's tasks come back.
+_STORED: Any = object()
+
+
+class Leftovers:
+    """See ``Runtime.leftovers_locked``."""
+
+    __slots__ = ("dead", "ticket")
+
+    def __init__(self, dead: list[object] | None, ticket: Ticket | None) -> None:
+        self.dead = dead
+        self.ticket = ticket
 
 
 def current_runtime() -> Runtime | None:
@@ -135,6 +158,12 @@ class Runtime:
         self.service = Service(self)
         self._settled = threading.Condition(self.lock)  # stop() waits for unsettled == 0
         self.sched.dead_limit = dead_letters
+        #: The durable journal (SPEC §14), or None; its rows are handed over under the
+        #: lock by ``leftovers_locked``, and waited for outside it.
+        self.store: SQLiteStore | None = None
+        self.registry: dict[str, Callable[..., Any]] = {}  #: registered task types
+        #: Stored rows that could not become tasks at recovery (kept in the file).
+        self.unrecovered: list[BadRow] = []
         # Admission control (SPEC §12): submit() waits on _room while max_pending tasks
         # have not started; room_waiters tells the paths that free room to notify.
         self.max_pending = max_pending
@@ -225,13 +254,176 @@ class Runtime:
         return self.state == RUNNING
 
     def run(self) -> None:
-        """Start the executors (see ``Cluster.run``)."""
+        """Start the executors (see ``Cluster.run``); a store's tasks come back first."""
+        self.recover()
         with self.lock:
             if self.state >= STOPPING:
                 raise ClusterStoppedError("the cluster was stopped; it cannot run again")
             if self.state == RUNNING:
                 return
             self._start_locked()
+
+    # ------------------------------------------------------------------ durable tasks (§14)
+
+    def attach_store(self, store: SQLiteStore) -> None:
+        """Open ``store`` (ValueError naming the path for a file that is not a store of
+        this format or is newer; StoreLockedError if another owner has it) and read its
+        rows; they become tasks again at ``run()``, once the task types are registered."""
+
+        store.open()
+        try:
+            loaded = store.load()
+        except BaseException:
+            store.close()
+            raise
+        self.store = store
+        self._loaded: Loaded | None = loaded
+        newest = max((row.seq for row in loaded.rows), default=0)
+        newest = max([newest, *(b.seq for b in loaded.bad if b.seq is not None)])
+        self.sched.start_seq_after(newest)  # new submissions come after every stored one
+        from ._durable_ids import DEAD_PREFIX
+
+        # Until run() brings them back, the stored tasks' ids are taken (a submit with
+        # one of them is a DuplicateTaskError), and generated ids start past theirs.
+        numbered = 0
+        for row in loaded.rows:
+            if row.id.startswith(DEAD_PREFIX):
+                continue
+            self.sched.reserved[row.id] = _STORED
+            if row.id[:1] == "t" and row.id[1:].isdigit():
+                numbered = max(numbered, int(row.id[1:]))
+        self.sched.start_ids_after(numbered)
+        clock = self.clock
+        self.sched.encode = lambda task, state: encode(task, clock, state)
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        """See ``Cluster.register``."""
+        with self.lock:
+            if name in self.registry:
+                raise ValueError(f"task type {name!r} is already registered")
+            self.registry[name] = fn
+
+    def recover(self) -> None:
+        """Bring the store's tasks back (once, at the first ``run()``): see SPEC §14.
+
+        Running ones were interrupted: retried if their budget allows (the interrupted
+        attempt counts), else (or after ``MAX_INTERRUPTS``) failed with
+        TaskInterruptedError. Queued, delayed and retrying ones wait again with their
+        priority, start time and submission order; cached Results within their TTL and
+        dead letters come back. A row that cannot become a task is kept in the file,
+        set aside (``unrecovered``) and logged.
+        """
+        loaded = getattr(self, "_loaded", None)
+        if loaded is None:
+            return
+        self._loaded = None
+        from ._store import BadRow
+
+        sched = self.sched
+        clock = self.clock
+        lanes = {name: backend.lane for name, backend in self.backends.items()}
+        now = clock.monotonic()
+        bad = list(loaded.bad)
+        changes: list[Row | str] = []
+        restored: list[Task] = []
+        dead: list[DeadRecord] = []
+        terminal = {s.value: s for s in TERMINAL}
+        for row in loaded.rows:
+            try:
+                if row.doc.get("executor") == ASYNC and ASYNC not in lanes:
+                    lanes[ASYNC] = self._async_lane()
+                task = decode_doc(row, self.registry, clock, lanes)
+            except BadDoc as exc:
+                bad.append(BadRow(row.id, row.seq, row.state, str(exc)))
+                continue
+            state = row.state
+            if state == "dead":
+                task.state = (
+                    TaskState.TIMED_OUT
+                    if "TaskTimeoutError" in str((row.doc.get("error") or {}).get("type", ""))
+                    else TaskState.FAILED
+                )
+                task.name = task.opts.name or row.doc.get("type")
+                dead.append(DeadRecord(task, task.finished_at or now))
+            elif state in terminal:
+                expires = expires_at(row, clock)
+                if expires is None or expires <= now:
+                    changes.append(row.id)  # expired while we were away
+                    continue
+                task.state = terminal[state]
+                task.name = task.opts.name or row.doc.get("type")
+                restored.append(task)
+            elif state == TaskState.RUNNING.value:
+                self._interrupted(task, now, restored, dead, changes)
+            else:
+                task.state = TaskState.RETRYING if state == "retrying" else TaskState.PENDING
+                restored.append(task)
+        with self.lock:
+            for record in dead:
+                sched.restore_dead(record)
+            for row in loaded.rows:
+                if sched.reserved.get(row.id) is _STORED:
+                    del sched.reserved[row.id]
+            for task in restored:
+                sched.restore(task, now)
+                if task.state not in TERMINAL:
+                    self.unsettled += 1
+                    sched.submitted += 1  # (accepted anew: the counters balance)
+            if sched.expiry_armed:
+                self.arm_expiry_locked()
+        if changes:
+            self.store.write(  # type: ignore[union-attr]
+                puts=[c for c in changes if not isinstance(c, str)],
+                deletes=[c for c in changes if isinstance(c, str)],
+            )
+        self.unrecovered = bad
+        for problem in bad:
+            log.warning(
+                "stored task %r could not be recovered and was kept aside in the store: %s",
+                problem.id,
+                problem.reason,
+            )
+
+    def _interrupted(
+        self,
+        task: Task,
+        now: float,
+        restored: list[Task],
+        dead: list[DeadRecord],
+        changes: list[Row | str],
+    ) -> None:
+        """A task that was running when its process ended."""
+
+        spec: Durable = task.opts.durable  # type: ignore[assignment]
+        spec.interrupts += 1
+        error = TaskInterruptedError(
+            f"task {task.id!r} was running (attempt {task.attempts}) when its process ended"
+        )
+        decision = None
+        if spec.interrupts <= MAX_INTERRUPTS:
+            policy = task.opts.retry_policy()
+            if policy is not None:
+                decision = policy.decide(error, task.opts.counts, self.sched.rng, task_id=task.id)
+        opts = task.opts
+        opts.last_error = error
+        if decision is not None and decision.delay is not None:
+            opts.counts = applied(opts.counts, decision, len(opts.rules), reset=False)
+            task.state = TaskState.RETRYING
+            task._error = error
+            task.start = now + decision.delay
+            restored.append(task)
+            changes.append(self.sched.encode(task, None))  # type: ignore[misc]
+            return
+        task.state = TaskState.FAILED
+        task._error = error
+        task.finished_at = now
+        task.name = opts.name or spec.kind
+        if self.sched.dead_limit:
+            record = DeadRecord(task, now)
+            dead.append(record)
+            changes.append(self.sched.encode(task, "dead"))  # type: ignore[misc]
+        else:
+            changes.append(task.id)  # type: ignore[arg-type]
 
     def _start_locked(self) -> None:
         self.state = RUNNING
@@ -258,6 +450,9 @@ class Runtime:
                 cancelled += self.sched.cancel_all("shutdown", self.monotonic(), False)
             if self.state == STOPPING:
                 self._wake_all_locked()
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         if state == TERMINATED:  # stopped, cancelled, or inherited by a forked child
             if not own:
                 self._join_or_raise(deadline, limit)
@@ -328,16 +523,19 @@ class Runtime:
             self.abandon_locked(fresh)
             self._wake_all_locked()
             self.service.wake_locked()
+            left = self.leftovers_locked()
         finally:
             lock.release()
         for thread in fresh:
             thread.start()
+        if left is not None:
+            self.after_lock(left)
         self.deliver_all(done)
         return len(done)
 
     def join(self, deadline: float | None) -> int:
         """Wait for the cluster's threads (not abandoned ones) until ``deadline``;
-        return how many did not exit in time."""
+        return how many did not exit in time. Then the store, if any, is closed."""
         with self.lock:
             service = self.service.thread
         stuck = join_threads([service] if service is not None else [], deadline)
@@ -345,7 +543,15 @@ class Runtime:
             stuck += backend.join(deadline)
         with self.lock:
             runners = self.runners.threads_locked()
-        return stuck + join_threads(runners, deadline)
+        stuck += join_threads(runners, deadline)
+        self.close_store()
+        return stuck
+
+    def close_store(self) -> None:
+        """Once terminated: commit what is left and release the store file."""
+        store = self.store
+        if store is not None and self.state == TERMINATED:
+            store.close()
 
     def collected(self) -> None:
         """The ``Cluster`` was garbage collected: stop gracefully, without waiting.
@@ -374,6 +580,9 @@ class Runtime:
                 self.state = TERMINATED
             self._wake_all_locked()
             self.service.wake_locked()
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         self.deliver_all(done)
 
     def _wake_all_locked(self) -> None:
@@ -403,6 +612,10 @@ class Runtime:
     # ------------------------------------------------------------------ submission
 
     def _submit(self, task: Task) -> None:
+        opts = task.opts
+        if opts is not DEFAULT_OPTIONS and opts.durable is not None:
+            self.submit_many([task])  # committed before it is queued
+            return
         lane = task.lane  # None: the thread pool (the common case)
         if lane is not None:
             backend: Backend = lane.backend  # type: ignore[assignment]
@@ -434,18 +647,82 @@ class Runtime:
                         pool._wake_timekeeper_locked()
                 else:
                     lane.backend.queued_locked(task, ready)  # type: ignore[attr-defined]
-            dead = sched.graveyard or None  # (a purge of expired results)
-            if dead is not None:
-                sched.graveyard = []
+            left = (
+                self.leftovers_locked() if sched.graveyard or sched.journal else None
+            )  # (a purge of expired results)
         finally:
             lock.release()
-        if dead is not None:
-            self.bury(dead)
+        if left is not None:
+            self.after_lock(left)
 
-    def _wait_for_room_locked(self) -> None:
+    def submit_many(self, tasks: list[Task]) -> None:
+        """Accept ``tasks`` all or none (``Cluster.submit_all``; a durable submit).
+
+        Phase one, under the lock: every id and submission order is reserved (a
+        refused one refuses them all) and the durable rows are handed to the store.
+        Then, outside it, the commit (one transaction for the batch) is waited for; a
+        failed commit undoes the reservations. Phase two, under the lock: the tasks
+        are queued. A task whose row is committed is queued even if a stop began in
+        between (the stop carries it to its Result, or cancels it).
+        """
+        for task in tasks:
+            lane = task.lane
+            if lane is not None:
+                backend: Backend = lane.backend  # type: ignore[assignment]
+                if backend.prepares:
+                    backend.prepare(task)
+        sched = self.sched
+        given = [task.id for task in tasks]  # None: generated by reserve (undone on failure)
+
+        def undo() -> None:
+            for task, tid in zip(tasks, given, strict=True):
+                sched.unreserve(task)
+                task.id = tid
+                task.state = TaskState.PENDING
+
+        with self.lock:
+            if self.state >= STOPPING:
+                raise ClusterStoppedError("the cluster is stopped; submit() is refused")
+            if self.max_pending is not None:
+                self._wait_for_room_locked(len(tasks))
+            now = self.monotonic()
+            try:
+                for task in tasks:
+                    sched.reserve(task, now)
+            except BaseException:
+                undo()
+                raise
+            for task in tasks:
+                if task.opts.durable is not None and sched.encode is not None:
+                    if task.start is None:
+                        task.start = now
+                    if task.start > now:
+                        task.state = TaskState.DELAYED
+                    sched._journal(task)
+            left = self.leftovers_locked()
+        try:
+            if left is not None:
+                self.after_lock(left, raising=True)
+        except BaseException:
+            with self.lock:
+                undo()
+            raise
+        with self.lock:
+            now = self.monotonic()
+            for task in tasks:
+                task.state = TaskState.PENDING
+                ready = sched.submit(task, now)
+                self.unsettled += 1
+                if self.state == RUNNING:
+                    task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
+
+    def _wait_for_room_locked(self, n: int = 1) -> None:
         """max_pending: block (or raise QueueFullError) while the cluster is full."""
         limit: int = self.max_pending  # type: ignore[assignment]
-        while self.sched.pending() >= limit:
+        while self.sched.pending() + n > max(limit, n):
             if self.reject:
                 raise QueueFullError(
                     f"{limit} tasks wait to start (max_pending); submit() is refused"
@@ -501,13 +778,11 @@ class Runtime:
                 else:
                     sinks.append(queue)
                 return queue
-            dead = self.sched.graveyard
-            if dead:
-                self.sched.graveyard = []
+            left = self.leftovers_locked()
         finally:
             lock.release()
-        if dead:
-            self.bury(dead)
+        if left is not None:
+            self.after_lock(left)
         queue.put(task.result())  # terminal: the Result no longer changes
         return queue
 
@@ -522,11 +797,9 @@ class Runtime:
         if task is None or task.state in TERMINAL:
             with self.lock:
                 task = self.sched.lookup(task_id, self.monotonic())  # or TaskNotFoundError
-                dead = self.sched.graveyard
-                if dead:
-                    self.sched.graveyard = []
-            if dead:
-                self.bury(dead)
+                left = self.leftovers_locked()
+            if left is not None:
+                self.after_lock(left)
         return self._cancel(task)
 
     def _cancel(self, task: Task) -> bool:
@@ -550,13 +823,11 @@ class Runtime:
                 self.unsettled -= 1  # nothing to deliver: settled already
                 if not self.unsettled:
                     self.settle_locked(0)
-            dead = sched.graveyard
-            if dead:
-                sched.graveyard = []
+            left = self.leftovers_locked()
         finally:
             lock.release()
-        if dead:
-            self.bury(dead)
+        if left is not None:
+            self.after_lock(left)
         if quiet:
             task.release()
         else:
@@ -568,11 +839,9 @@ class Runtime:
         with self.lock:
             task = self.sched.lookup(task_id, self.monotonic())
             info = self._info_locked(task)
-            dead = self.sched.graveyard
-            if dead:
-                self.sched.graveyard = []
-        if dead:
-            self.bury(dead)
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return info
 
     def _info_locked(self, task: Task) -> TaskInfo:
@@ -708,6 +977,9 @@ class Runtime:
             task = self.sched.lookup(task_id, self.monotonic())
             done = self.sched.reprioritize(task, priority, self.monotonic())
             self.wake_lanes_locked()
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return done
 
     def reschedule(self, task_id: str, start: float) -> bool:
@@ -718,6 +990,9 @@ class Runtime:
             if done and self.state == RUNNING and task.state is TaskState.DELAYED:
                 task.lane.backend.queued_locked(task, False)  # type: ignore[union-attr]
             self.wake_lanes_locked()
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return done
 
     # ------------------------------------------------------------------ dead letters (§13)
@@ -798,18 +1073,23 @@ class Runtime:
                     opts.series = Series(task.start)
                 ready = sched.submit(task, now)
                 self.unsettled += 1
+                if task.opts.durable is not None:
+                    sched._journal(task)
                 if self.state == RUNNING:
                     task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
                 fresh.append(task)
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return fresh
 
     def clear_dead_letters(self, task_ids: tuple[str, ...]) -> int:
         """See ``Cluster.clear_dead_letters``."""
         with self.lock:
             count = self.sched.clear_dead(task_ids)
-            dead = self.sched.graveyard
-            self.sched.graveyard = []
-        self.bury(dead)
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return count
 
     def stats_by_name(self) -> dict[str, NameStats]:
@@ -942,6 +1222,9 @@ class Runtime:
                 self.arm_expiry_locked()
             if sched.woken:
                 self.wake_lanes_locked()
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)  # persist, then deliver
         if code == DONE:
             deliver_sinks(task)
             with self.lock:
@@ -1038,6 +1321,44 @@ class Runtime:
             if not has_callbacks(task):
                 task.release()
 
+    def leftovers_locked(self) -> Leftovers | None:
+        """What a critical section leaves to do once the lock is released: the objects
+        the scheduler dropped (to free), and the rows of durable transitions (handed to
+        the store here, under the lock, so that they reach it in transition order; to
+        wait for, before anything is delivered or run). None: nothing."""
+        sched = self.sched
+        dead = sched.graveyard
+        journal = sched.journal
+        if not dead and not journal:
+            return None
+        if dead:
+            sched.graveyard = []
+        ticket = None
+        if journal:
+            sched.journal = []
+            store = self.store
+            try:
+                ticket = store.enqueue(journal)  # type: ignore[union-attr]
+            except RuntimeError:  # closed (after a bounded stop, say): nothing to record
+                log.error("the store is closed; %d task changes were not recorded", len(journal))
+        return Leftovers(dead or None, ticket)
+
+    def after_lock(self, left: Leftovers, *, raising: bool = False) -> None:
+        """Outside the lock: wait until the store has the transitions (persist, then
+        deliver), then free what was dropped. A failed commit is logged (the work goes
+        on: at worst a restart repeats it), or raised with ``raising`` (a submit)."""
+        try:
+            if left.ticket is not None:
+                try:
+                    self.store.wait(left.ticket)  # type: ignore[union-attr]
+                except StoreWriteError:
+                    if raising:
+                        raise
+                    log.exception("the store could not record a task's progress")
+        finally:
+            if left.dead:
+                self.bury(left.dead)
+
     def bury(self, dead: list[object]) -> None:
         """Free what the scheduler dropped under the lock (the lock is not held here)."""
         for item in dead:
@@ -1074,6 +1395,10 @@ class Runtime:
         with self.lock:
             runners = self.runners.threads_locked()
         join_threads(runners, deadline)
+        try:
+            self.close_store()
+        except Exception:  # never let a store keep the interpreter from exiting
+            log.exception("closing the store of %r at exit failed", self)
 
     def reset_in_child(self) -> None:
         """After fork: the child has none of our threads; leave a stopped, unlocked cluster
@@ -1088,6 +1413,8 @@ class Runtime:
             backend.reset_in_child()
         now = self.monotonic()
         sched = self.sched
+        sched.encode = None  # the store belongs to the parent: the child records nothing
+        sched.journal = []
         for task in list(sched.tasks.values()):
             if task.state not in TERMINAL:
                 ctx = task.ctx
@@ -1104,9 +1431,7 @@ class Runtime:
         sched.graveyard = []
 
 
-def _series_results(
-    task: Task, sink: SeriesSink, timeout: float | None
-) -> Iterator[Result[Any]]:
+def _series_results(task: Task, sink: SeriesSink, timeout: float | None) -> Iterator[Result[Any]]:
     while True:
         try:
             result, last = sink.queue.get(timeout=timeout)

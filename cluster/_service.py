@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from ._sync import MAX_WAIT
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
+    from ._runtime import Leftovers, Runtime
 
 __all__ = ["PURGE_EVERY", "Service"]
 
@@ -75,7 +75,7 @@ class Service:
         runners = rt.runners
         while True:
             fresh: list[threading.Thread] = []
-            dead: list[object] | None = None
+            left: Leftovers | None = None
             with rt.lock:
                 while True:
                     if rt.terminated_locked():
@@ -105,10 +105,8 @@ class Service:
                     ):
                         if when is not None and when < target:
                             target = when
-                    if sched.graveyard:
-                        dead = sched.graveyard
-                        sched.graveyard = []
-                    if fresh or dead:
+                    left = rt.leftovers_locked()
+                    if fresh or left is not None:
                         self._target = now  # back at once, after starting/freeing
                         break
                     self._target = target
@@ -116,6 +114,6 @@ class Service:
                     self._wake.wait(MAX_WAIT if wait is None else min(wait, MAX_WAIT))
             for thread in fresh:
                 thread.start()
-            if dead:
-                rt.bury(dead)
-            del dead, fresh
+            if left is not None:
+                rt.after_lock(left)
+            del left, fresh

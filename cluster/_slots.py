@@ -266,7 +266,6 @@ class SlotPool(Backend):
         current = _CURRENT
         run = self._runner()
         kills = self.kills
-        bury = rt.bury
         rt_clock = rt.clock
         task: Task | None = None  # the task whose attempt this slot runs / just ran
         ctx: TaskContext | None = None
@@ -359,16 +358,15 @@ class SlotPool(Backend):
                     rt.wake_lanes_locked()
                 if rt.room_waiters and nxt is not None:  # max_pending: a task started
                     rt.room_locked()
-                dead = sched.graveyard
-                if dead:
-                    sched.graveyard = []
+                # Dropped objects to free, durable transitions to wait for (rare).
+                left = rt.leftovers_locked() if sched.graveyard or sched.journal else None
             finally:
                 lock.release()
-            # ---- outside the lock: free, deliver, then act ----
+            # ---- outside the lock: persist, free, deliver, then act ----
             value = error = None
-            if dead:
-                bury(dead)
-            del dead
+            if left is not None:
+                rt.after_lock(left)
+                left = None
             if finished is not None:
                 if deliver:
                     rt.deliver(finished, me)

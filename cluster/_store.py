@@ -73,6 +73,7 @@ __all__ = [
     "Loaded",
     "Row",
     "SQLiteStore",
+    "Ticket",
 ]
 
 #: ``PRAGMA application_id`` of every store file: the bytes ``b"clst"``.
@@ -271,7 +272,7 @@ class _Batch:
     __slots__ = ("error", "meta", "rows", "threads", "waiters")
 
     def __init__(self) -> None:
-        self.rows: dict[str, _Put | None] = {}
+        self.rows: dict[str, _Put | Row | None] = {}  # Row: from enqueue, not yet encoded
         self.meta: dict[str, str | None] = {}
         self.threads: set[int] = set()  # the callers' thread idents
         # One held lock per waiting caller, released once the batch is committed (or
@@ -283,6 +284,16 @@ class _Batch:
         """Wake every caller of the batch (its commit is done, or ``error`` is set)."""
         for waiter in self.waiters:
             waiter.release()
+
+
+class Ticket:
+    """What ``SQLiteStore.enqueue`` returns: wait on it with ``SQLiteStore.wait``."""
+
+    __slots__ = ("batch", "waiter")
+
+    def __init__(self, batch: _Batch, waiter: _thread.LockType) -> None:
+        self.batch = batch
+        self.waiter = waiter
 
 
 class SQLiteStore:
@@ -573,6 +584,59 @@ class SQLiteStore:
                 path=self._name,
             ) from batch.error
 
+    def enqueue(self, changes: Sequence[Row | str]) -> Ticket:
+        """Hand changes to the writer without waiting for them, in order: a ``Row`` to
+        upsert, or an id (``str``) to delete. No I/O here, and the docs are encoded by
+        whoever commits. Safe to call under the caller's own lock
+        (it takes only the store's): calls are applied in the order they are made, so a
+        caller that enqueues under its lock gets its changes applied in its lock order.
+        ``wait(ticket)`` returns once the commit holding them is durable.
+
+        The rows must be well formed (``write`` checks them; this does not): the
+        cluster builds them itself.
+        """
+        self._owned("enqueue")
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        with self._cond:
+            if self._closing or self._conn is None:
+                raise RuntimeError(f"store {self._name} is closed")
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = _Batch()
+            batch.threads.add(threading.get_ident())
+            rows = batch.rows
+            for change in changes:
+                if isinstance(change, str):
+                    rows[change] = None
+                else:
+                    rows[change.id] = change
+            batch.waiters.append(waiter)
+            if not self._committing or (
+                self._gathering and len(batch.threads) >= self._gather_target
+            ):
+                self._cond.notify_all()
+        return Ticket(batch, waiter)
+
+    def wait(self, ticket: Ticket) -> None:
+        """Block until the changes ``enqueue`` returned ``ticket`` for are committed
+        (``StoreWriteError`` if that commit failed). If nobody is committing yet, the
+        caller commits them itself (sparing two thread switches)."""
+        batch = ticket.batch
+        with self._cond:
+            inline = self._batch is batch and not self._committing and self._peak <= 1
+            if inline:
+                self._committing = True
+                self._batch = None
+        if inline:
+            self._commit_and_release(batch)
+        ticket.waiter.acquire()
+        if batch.error is not None:
+            raise StoreWriteError(
+                f"store {self._name}: commit failed, nothing of it was written: {batch.error}",
+                path=self._name,
+            ) from batch.error
+
     def _run(self) -> None:
         """The writer thread: commit the batches callers leave to it, until closed and drained.
 
@@ -654,7 +718,10 @@ class SQLiteStore:
                     self._cond.notify_all()  # the writer thread, and close()
 
     def _commit(self, batch: _Batch) -> None:
-        puts = [row for row in batch.rows.values() if row is not None]
+        enqueued = [row for row in batch.rows.values() if type(row) is Row]
+        if enqueued:  # handed over by enqueue(): encoded here, by the committing thread
+            batch.rows.update(_encode_puts(enqueued))
+        puts: list[_Put] = [row for row in batch.rows.values() if type(row) is tuple]
         deletes = [(id_,) for id_, row in batch.rows.items() if row is None]
         meta_puts = [(key, text) for key, text in batch.meta.items() if text is not None]
         meta_deletes = [(key,) for key, text in batch.meta.items() if text is None]

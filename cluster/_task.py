@@ -23,6 +23,7 @@ from ._policy import RetryCounts, RetryPolicy, RetryRule
 
 if TYPE_CHECKING:
     from ._core import Lane
+    from ._durable import Durable
     from ._repeat import Repeat
 
 T = TypeVar("T")
@@ -178,6 +179,7 @@ class Options:
     __slots__ = (
         "backoff",
         "counts",
+        "durable",
         "holds",
         "jitter",
         "key",
@@ -220,6 +222,7 @@ class Options:
         self.unlimited = False  # the pending retry came from an UNLIMITED budget
         self.last_error: BaseException | None = None  # of the latest failed attempt
         self.series: Series | None = None  # a repeating task's runs
+        self.durable: Durable | None = None  # a registered type on a cluster with a store
         self.holds = False  # it holds its key (from its first attempt to its end)
         self.parked = False  # it waits on its key's gate (state PENDING, in no queue)
 
@@ -247,6 +250,7 @@ class Options:
         new.series = None
         new.holds = False
         new.parked = False
+        new.durable = None
         return new
 
     def retry_policy(self) -> RetryPolicy | None:

@@ -53,6 +53,8 @@ LAYERS: dict[str, int] = {
     "_group": 4,
     "_completion": 4,
     "_gates": 2,
+    "_durable_ids": 0,
+    "_durable": 4,
     "_listing": 2,
     "_background": 5,
     "_futures": 5,

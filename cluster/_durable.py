@@ -1,0 +1,380 @@
+"""Durable tasks (SPEC §14): registered task types, and a task as a row of the store.
+
+A durable task is one whose function is a registered type (``Cluster.register``) on
+a cluster with a store. Its arguments are JSON (checked at ``add_task``), and so is
+everything the store keeps of it: nothing is ever unpickled from disk. Its row is
+written at every transition that a restart must know of (submitted, an attempt
+started, waiting to retry, a run ended, terminal, dead letter), and read back once,
+when the cluster runs again (``decode``).
+
+What survives a restart with the task: priority, start time, submission order,
+attempts and interrupts, per-rule retry counts, timeout, retry budget, the built-in
+backoff strategies, jitter, retry mode, rules by exception class (stored by their
+import path), TTL, repeat schedules and where a series stands, name, tags, key,
+executor, a cached Result (its value if it is JSON; else "unavailable") and a dead
+letter. What does not: a callable option (a custom backoff, ``retry_if``, callbacks).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
+from ._clock import Clock
+from ._durable_ids import DEAD_PREFIX
+from ._errors import ClusterError
+from ._policy import RetryCounts, RetryRule
+from ._store import Row
+from ._task import Options, Series, Task, TaskState
+from ._validate import UNLIMITED
+
+__all__ = [
+    "UNAVAILABLE",
+    "Durable",
+    "StoredError",
+    "check_json",
+    "decode_doc",
+    "encode",
+]
+
+FORMAT = 1  #: the doc's own version (``doc["v"]``)
+
+#: How many times a task may be interrupted (it was running when its process ended)
+#: before it ends as a dead letter instead of being retried: a task that crashes the
+#: process every time must not crash every restart.
+MAX_INTERRUPTS = 3
+
+
+class _Unavailable:
+    """The value of a durable task's cached Result after a restart, when the value was
+    not JSON (it was delivered in the process that computed it only)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<value unavailable after a restart>"
+
+    def __reduce__(self) -> str:
+        return "UNAVAILABLE"
+
+
+#: See ``_Unavailable``.
+UNAVAILABLE = _Unavailable()
+
+
+class StoredError(ClusterError):
+    """The error of a durable task read back after a restart (exceptions are not
+    stored, only their type, message and traceback text)."""
+
+    def __init__(self, message: str, *, type_name: str = "", text: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name  #: ``module.QualifiedName`` of the original exception
+        self.text = text  #: its formatted traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_stored, (str(self), self.type_name, self.text))
+
+
+def _stored(message: str, type_name: str, text: str) -> StoredError:
+    return StoredError(message, type_name=type_name, text=text)
+
+
+class Durable:
+    """What a durable task carries (``Options.durable``): its type and JSON arguments."""
+
+    __slots__ = ("args", "interrupts", "kind", "kwargs", "static")
+
+    def __init__(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.kind = kind  #: the registered type's name
+        self.args = args
+        self.kwargs = kwargs
+        self.interrupts = 0  #: times it was running when its process ended
+        self.static: dict[str, Any] | None = None  # the doc's fixed part, made once
+
+
+def check_json(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """TypeError naming the argument that is not JSON (at ``add_task``)."""
+    for i, arg in enumerate(args, 1):
+        if not _is_json(arg):
+            raise TypeError(
+                f"argument {i} ({type(arg).__name__}) of a durable task must be JSON-serializable"
+            )
+    for name, arg in kwargs.items():
+        if not _is_json(arg):
+            raise TypeError(
+                f"keyword argument {name!r} ({type(arg).__name__}) of a durable task must "
+                "be JSON-serializable"
+            )
+
+
+def _is_json(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def _wall(clock: Clock, mono: float | None) -> float | None:
+    if mono is None or not math.isfinite(mono):
+        return None if mono is None or mono > 0 else -1e18
+    return clock.to_date(mono).timestamp()
+
+
+def _mono(clock: Clock, wall: float | None) -> float | None:
+    if wall is None:
+        return None
+    return clock.from_date(datetime.fromtimestamp(wall, UTC))
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _backoff_doc(strategy: Callable[[int], float] | None) -> dict[str, Any] | None:
+    if strategy is None:
+        return None
+    if type(strategy) is FixedBackoff:
+        return {"kind": "fixed", "delay": strategy.delay}
+    if type(strategy) is LinearBackoff:
+        return {"kind": "linear", "base": strategy.base, "step": strategy.step,
+                "max": strategy.max}  # fmt: skip
+    if type(strategy) is ExponentialBackoff:
+        return {"kind": "exponential", "base": strategy.base,
+                "multiplier": strategy.multiplier, "max": strategy.max}  # fmt: skip
+    return {"kind": "custom"}  # a callable: it does not survive a restart
+
+
+def _static(task: Task, clock: Clock) -> dict[str, Any]:
+    """The part of a task's doc that never changes after submit."""
+    opts = task.opts
+    spec: Durable = opts.durable  # type: ignore[assignment]
+    repeat = opts.repeat
+    return {
+        "v": FORMAT,
+        "type": spec.kind,
+        "args": list(spec.args),
+        "kwargs": spec.kwargs,
+        "submitted": _wall(clock, task.submitted_at),
+        "executor": task.lane.name if task.lane is not None else "threads",
+        "opts": {
+            "timeout": opts.timeout,
+            "retries": "unlimited" if opts.retries == UNLIMITED else opts.retries,
+            "backoff": _backoff_doc(opts.backoff),
+            "jitter": opts.jitter,
+            "mode": opts.retry_mode.value,
+            "rules": [
+                {
+                    "errors": [_path(e) for e in rule.errors],
+                    "retries": "unlimited" if rule.retries == UNLIMITED else rule.retries,
+                    "backoff": _backoff_doc(rule.backoff),
+                }
+                for rule in opts.rules
+            ],
+            "ttl": opts.ttl,
+            "name": opts.name,
+            "tags": list(opts.tags),
+            "key": opts.key,
+            "repeat": None
+            if repeat is None
+            else {
+                "every": repeat.every,
+                "cron": repeat.cron,
+                "count": repeat.count,
+                "until": None if repeat.until is None else repeat.until.isoformat(),
+                "stop_on_error": repeat.stop_on_error,
+            },
+        },
+    }
+
+
+def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
+    """The row of durable ``task`` as it stands (called under the cluster lock); a
+    dead letter's row (state ``"dead"``) has its own row id."""
+    opts = task.opts
+    spec: Durable = opts.durable  # type: ignore[assignment]
+    static = spec.static
+    if static is None:
+        static = spec.static = _static(task, clock)
+    doc = dict(static)
+    doc["priority"] = task.priority
+    doc["start"] = _wall(clock, task.start)
+    doc["attempts"] = task.attempts
+    doc["interrupts"] = spec.interrupts
+    counts = opts.counts
+    doc["counts"] = None if counts is None else {"rules": counts.rules, "default": counts.default}
+    series = opts.series
+    if series is not None:
+        doc["series"] = {
+            "first": _wall(clock, series.first),
+            "last_due": _wall(clock, series.last_due),
+            "run": series.run,
+        }
+    if opts.last_error is not None:
+        doc["last_error"] = _error_doc(opts.last_error)
+    state = state or task.state.value
+    if task.state in (
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.CANCELLED,
+        TaskState.TIMED_OUT,
+    ):
+        doc["finished"] = _wall(clock, task.finished_at)
+        if opts.ttl is not None and task.finished_at is not None:
+            doc["expires"] = _wall(clock, task.finished_at + opts.ttl)
+        if task.state is TaskState.SUCCEEDED:
+            value = task.value
+            doc["value"] = {"json": value} if _is_json(value) else {"unavailable": True}
+        elif task.state is not TaskState.CANCELLED:
+            doc["error"] = _error_doc(task.error)  # type: ignore[arg-type]
+    row_id = task.id if state != "dead" else DEAD_PREFIX + task.id  # type: ignore[operator]
+    return Row(row_id, task.seq, state, doc)  # type: ignore[arg-type]
+
+
+def _error_doc(error: BaseException) -> dict[str, str]:
+    import traceback
+
+    if isinstance(error, StoredError):
+        return {"type": error.type_name, "message": str(error), "text": error.text}
+    try:
+        text = "".join(traceback.format_exception(error))
+        message = str(error)
+    except Exception:  # a __str__ that raises: the type is still worth keeping
+        text = message = f"<{type(error).__name__}>"
+    return {"type": _path(type(error)), "message": message, "text": text}
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+class BadDoc(ValueError):
+    """A row whose doc cannot become a task (kept aside with this reason)."""
+
+
+def _backoff_of(doc: dict[str, Any] | None) -> Callable[[int], float] | None:
+    if doc is None:
+        return None
+    kind = doc.get("kind")
+    if kind == "fixed":
+        return FixedBackoff(doc["delay"])
+    if kind == "linear":
+        return LinearBackoff(doc["base"], doc["step"], max=doc["max"])
+    if kind == "exponential":
+        return ExponentialBackoff(doc["base"], doc["multiplier"], max=doc["max"])
+    return None  # custom: gone with its process
+
+
+def _class_of(path: str) -> type[BaseException]:
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise BadDoc(f"{path} is not an exception class")
+    return obj
+
+
+def _count(value: object) -> int:
+    return UNLIMITED if value == "unlimited" else int(value)  # type: ignore[call-overload]
+
+
+def stored_error(doc: dict[str, Any] | None) -> StoredError | None:
+    """The StoredError of an error doc."""
+    if doc is None:
+        return None
+    type_name = str(doc.get("type", ""))
+    short = type_name.rpartition(":")[2] or "Error"
+    return StoredError(
+        f"{short}: {doc.get('message', '')}", type_name=type_name, text=str(doc.get("text", ""))
+    )
+
+
+def decode_doc(
+    row: Row, registry: dict[str, Callable[..., Any]], clock: Clock, lanes: dict[str, Any]
+) -> Task:
+    """A task from its row (state, times and series restored); BadDoc if it cannot be."""
+    from ._repeat import Repeat
+
+    doc = row.doc
+    task_id = row.id[len(DEAD_PREFIX) :] if row.id.startswith(DEAD_PREFIX) else row.id
+    if doc.get("v") != FORMAT:
+        raise BadDoc(f"doc format {doc.get('v')!r} is not {FORMAT}")
+    kind = doc.get("type")
+    fn = registry.get(kind)  # type: ignore[arg-type]
+    if fn is None:
+        raise BadDoc(f"task type {kind!r} is not registered")
+    try:
+        args = tuple(doc["args"])
+        kwargs = dict(doc["kwargs"])
+        o = doc["opts"]
+        task = Task(fn, args, kwargs)
+        task.id = task_id
+        task.seq = row.seq
+        task.priority = int(doc["priority"])
+        task.submitted_at = _mono(clock, doc["submitted"])  # type: ignore[assignment]
+        start = doc["start"]
+        task.start = math.inf if start is None else _mono(clock, start)
+        task.attempts = int(doc["attempts"])
+        opts = Options()
+        opts.timeout = o["timeout"]
+        opts.retries = _count(o["retries"])
+        opts.backoff = _backoff_of(o["backoff"]) or FixedBackoff(0)
+        opts.jitter = float(o["jitter"])
+        opts.retry_mode = RetryMode(o["mode"])
+        rules = []
+        for rule in o["rules"]:
+            errors = tuple(_class_of(path) for path in rule["errors"])
+            rules.append(RetryRule(errors, _count(rule["retries"]), _backoff_of(rule["backoff"])))
+        opts.rules = tuple(rules)
+        opts.ttl = o["ttl"]
+        opts.name = o["name"]
+        opts.tags = tuple(o["tags"])
+        opts.key = o["key"]
+        repeat = o["repeat"]
+        if repeat is not None:
+            until = repeat["until"]
+            opts.repeat = Repeat(
+                repeat["every"],
+                cron=repeat["cron"],
+                count=repeat["count"],
+                until=None if until is None else datetime.fromisoformat(until),
+                stop_on_error=repeat["stop_on_error"],
+            )
+            s = doc.get("series") or {}
+            first = _mono(clock, s.get("first")) or task.start
+            series = opts.series = Series(first)  # type: ignore[arg-type]
+            series.last_due = _mono(clock, s.get("last_due")) or first  # type: ignore[assignment]
+            series.run = int(s.get("run", 0))
+        counts = doc.get("counts")
+        if counts is not None:
+            opts.counts = RetryCounts(list(counts["rules"]), int(counts["default"]))
+        opts.last_error = stored_error(doc.get("last_error"))
+        spec = opts.durable = Durable(kind, args, kwargs)  # type: ignore[arg-type]
+        spec.interrupts = int(doc.get("interrupts", 0))
+        task.opts = opts
+        lane = lanes.get(doc.get("executor", "threads"))
+        task.lane = lane
+        if "finished" in doc:
+            task.finished_at = _mono(clock, doc["finished"])
+            if "value" in doc:
+                value = doc["value"]
+                task.value = value.get("json", UNAVAILABLE)
+            task._error = stored_error(doc.get("error"))
+    except BadDoc:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+        raise BadDoc(f"{type(exc).__name__}: {exc}") from None
+    return task
+
+
+def expires_at(row: Row, clock: Clock) -> float | None:
+    """When a stored cached Result expires (monotonic), or None."""
+    return _mono(clock, row.doc.get("expires"))
