@@ -11,6 +11,18 @@ a run that ends, when the next run is due), then ``finish``/``fail_detached``. A
 every rule: dispatch order, due times, states, attempts, counts, last errors, gauges
 and counters must agree.
 
+What it covers: priority order among due tasks and no early start; timeouts (expire,
+then fail_detached) and late returns of abandoned attempts (STALE); cancel by id, TTL
+purge and id reuse; IMMEDIATE retries sleeping on their context; rules by exception
+class (``Net``/``Slow``/``Db``, timeouts, and classes that are final whatever the
+rule), each with its own consecutive budget (some UNLIMITED) and ``LinearBackoff``,
+with or without a default ``with_retry``, under jitter and ``retry_if``; ``RetryAfter``
+and ``StopRetrying`` with and without a cause; ``reset_backoff()``; repeating tasks
+(``Repeat(every, count, stop_on_error)``: RUN_ENDED and ``run_result``, the grid,
+collapsed occurrences, counts restarting per run, runs never overlapping, cancel
+between runs); ``stop_series`` (a graceful stop), also between ``plan()`` and
+``finish()``; and ``cancel_all`` shutdowns.
+
 Known bugs of the core are pinned by the ``xfail(strict=True)`` tests at the end of the
 file; the machine steers around exactly those cases (see ``AVOID_*``).
 """
@@ -19,7 +31,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from _core_helpers import assert_balanced, make_task
@@ -200,7 +212,8 @@ class Outcome:
     maybe ``wrap``-ped in a directive; ``reset``: it called reset_backoff() first;
     ``stop_between``: a graceful stop begins between plan() and finish()."""
 
-    kind: str
+    kind: str  # "ok", a key of KINDS, or "rule": a class of one of the task's rules
+    pick: int  # which rule's class, for "rule"
     wrap: str | None  # None, "after", "after_bare", "stop", "stop_bare"
     after: float  # RetryAfter's delay
     reset: bool
@@ -222,23 +235,30 @@ OUTCOMES = st.builds(
             "timeout_err",
             "kbd",
             "cancelled_err",
+            "rule",
+            "rule",
         ]
     ),
-    wrap=st.sampled_from([None, None, None, None, "after", "after", "after_bare", "stop"])
-    | st.just("stop_bare"),
+    pick=st.integers(0, 10),
+    wrap=st.sampled_from([None] * 8 + ["after", "after", "after_bare", "stop", "stop_bare"]),
     after=st.sampled_from([0.0, 0.5, 1.5]),
     reset=st.sampled_from([False, False, True]),
     stop_between=st.sampled_from([False] * 7 + [True]),
 )
 
 
-def make_error(o: Outcome) -> BaseException:
+def make_error(o: Outcome, rules: tuple[RuleSpec, ...]) -> BaseException:
     """The exception the attempt raises (``raise RetryAfter(d) from cause`` style)."""
     if o.wrap == "after_bare":
         return RetryAfter(o.after)
     if o.wrap == "stop_bare":
         return StopRetrying()
-    cause = KINDS[o.kind](f"{o.kind} error")
+    if o.kind == "rule":
+        errors = [e for rule in rules for e in rule.errors] or [Net]
+        cls = errors[o.pick % len(errors)]
+    else:
+        cls = KINDS[o.kind]
+    cause = cls(f"{cls.__name__} error")
     if o.wrap is None:
         return cause
     directive: BaseException = RetryAfter(o.after) if o.wrap == "after" else StopRetrying()
@@ -256,6 +276,7 @@ class Verdict:
     rule: int
     ending: BaseException
     unlimited: bool = False  # the deciding rule's budget is UNLIMITED
+    why: str = ""  # for the statistics (``event``)
 
     @property
     def retry(self) -> bool:
@@ -277,6 +298,8 @@ def grid_next(first: float, every: float, last_due: float, now: float) -> float:
 
 @dataclass(eq=False)
 class Rec:
+    """The model of one submission."""
+
     task: Task
     tid: str
     priority: int
@@ -287,7 +310,7 @@ class Rec:
     promoted: bool = False  # a pop has moved it to the ready queue (PENDING)
     attempts: int = 0  # attempts started in the current run
     ctx: TaskContext | None = None
-    ctxs: list[TaskContext] | None = None  # every attempt context handed out
+    ctxs: list[TaskContext] = field(default_factory=list)  # every attempt's context
     reset: bool = False  # the current attempt called reset_backoff()
     deadline: float | None = None
     finished: float | None = None
@@ -328,14 +351,14 @@ class Rec:
     def predict(self, error: BaseException, reset: bool, stopping: bool) -> Verdict:
         """SPEC §10: what must follow ``error``, from the model's own counts."""
         if _final_kind(error):
-            return Verdict(None, None, DEFAULT, error)
+            return Verdict(None, None, DEFAULT, error, why="final by kind")
         subject = error
         after: float | None = None
         if isinstance(error, (RetryAfter, StopRetrying)):
             if error.__cause__ is not None:
                 subject = error.__cause__
             if isinstance(error, StopRetrying) or _final_kind(subject):
-                return Verdict(None, None, DEFAULT, subject)
+                return Verdict(None, None, DEFAULT, subject, why="final: directive")
             after = error.delay
         rules = self.spec.rules
         index = next((i for i, r in enumerate(rules) if isinstance(subject, r.errors)), DEFAULT)
@@ -345,17 +368,21 @@ class Rec:
         else:
             n = self.counts[index] if index >= 0 else self.default_count
         unlimited = budget == UNLIMITED
-        if (unlimited and stopping) or (not unlimited and n >= budget):
-            return Verdict(None, None, index, subject)
+        on = "default rule" if index == DEFAULT else "a rule"
+        if unlimited and stopping:
+            return Verdict(None, None, index, subject, why="final: UNLIMITED, stopping")
+        if not unlimited and n >= budget:
+            return Verdict(None, None, index, subject, why=f"final: budget of {on} spent")
         if self.spec.no_slow and isinstance(subject, Slow):
-            return Verdict(None, None, index, subject)
+            return Verdict(None, None, index, subject, why="final: retry_if refused")
         if after is not None:
-            return Verdict(after, after, index, subject, unlimited)
+            return Verdict(after, after, index, subject, unlimited, f"RetryAfter on {on}")
         own = rules[index].backoff if index >= 0 else None
         base, step = own if own is not None else self.spec.backoff
         delay = base + step * n
         j = self.spec.jitter
-        return Verdict(delay * (1 - j), delay * (1 + j), index, subject, unlimited)
+        why = f"retry on {on}" + (" (UNLIMITED)" if unlimited else "")
+        return Verdict(delay * (1 - j), delay * (1 + j), index, subject, unlimited, why)
 
     def charge(self, rule: int, reset: bool) -> None:
         """A retry on ``rule``: its consecutive count goes up (all restart on reset)."""
@@ -484,7 +511,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             r.start = self.now + delay
             r.deadline = None
             r.promoted = False
-            event("retry on " + ("default rule" if verdict.rule == DEFAULT else "a rule"))
+            event(verdict.why)
             if r.reset:
                 event("retry after reset_backoff")
             if may_sleep and r.spec.mode is RetryMode.IMMEDIATE:
@@ -501,6 +528,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert t.state is TaskState.RETRYING
             assert t.error is verdict.ending
             return
+        event(verdict.why if verdict.why.startswith("final") else "final: retries disallowed")
         if verdict.retry:  # a retry the stop refused: plan() saw a retry, no rearm
             assert rearm is None
             expected_rearm = None
@@ -671,7 +699,6 @@ class SchedulerMachine(RuleBasedStateMachine):
                 seq=self.seq,
                 spec=spec,
                 promoted=due,
-                ctxs=[],
                 first=eff_start,
                 last_due=eff_start,
             )
@@ -703,11 +730,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pop()
 
     @precondition(lambda self: any(r.state == "waiting" for r in self.recs))
-    @rule(outcome=OUTCOMES)
-    def cycle(self, outcome: Outcome) -> None:
-        """A worker pops the best due task and runs the attempt to its end at once."""
-        r = self.pop()
-        if r is not None:
+    @rule(outcomes=st.lists(OUTCOMES, min_size=1, max_size=3))
+    def work(self, outcomes: list[Outcome]) -> None:
+        """A worker runs attempts back to back: it pops the best due task and the attempt
+        ends with the next outcome. Finding nothing due, it sleeps until the next start
+        time (the clock moves on)."""
+        for outcome in outcomes:
+            waiting = self.by_state("waiting")
+            if not waiting:
+                return
+            if not any(r.start <= self.now for r in waiting):
+                self.now = min(r.start for r in waiting)
+                self.expire()
+            r = self.pop()
+            assert r is not None
             self.end_attempt(r, outcome)
 
     def pop(self) -> Rec | None:
@@ -732,7 +768,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert ctx is not None and ctx.task_id == best.tid
         assert ctx.attempt == best.attempts - 1
         assert ctx.reason is None
-        assert best.ctxs is not None
         best.ctxs.append(ctx)
         best.ctx = ctx
         best.reset = False
@@ -777,7 +812,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             code = self.s.finish(t, ctx, value, None, None, self.now, rearm)
             self.end_run(r, "succeeded", value, None, rearm, code)
             return
-        error = make_error(outcome)
+        error = make_error(outcome, r.spec.rules)
         if (
             AVOID_DIRECTIVE_WITHOUT_POLICY
             and not r.has_policy
@@ -821,7 +856,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert (new.task_id, new.attempt, new.reason) == (r.tid, r.attempts - 1, None)
         if new is not ctx:  # the sleep context is spent: a late use of it is stale
             self.stale.append((r, ctx))
-        assert r.ctxs is not None
         r.ctxs.append(new)
         r.ctx = new
         r.reset = False
@@ -992,7 +1026,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         by finish or fail_detached), exactly one while it runs or awaits settling."""
         for r in self.recs:
             t = r.task
-            assert r.ctxs is not None
             live = [
                 c
                 for c in r.ctxs
@@ -1080,7 +1113,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 SchedulerMachine.TestCase.settings = settings(
     max_examples=250, stateful_step_count=50, deadline=None
 )
-TestScheduler = SchedulerMachine.TestCase
+# Green, the machine takes ~10 s; a failure is then shrunk, which for this machine can
+# take minutes (Hypothesis gives up after five): the timeout leaves room for that, so
+# that a failure reports its minimal example rather than pytest-timeout's interruption.
+TestScheduler = pytest.mark.timeout(420)(SchedulerMachine.TestCase)
 
 
 # -- regressions: cases the model found tricky, driven by hand -------------------------
