@@ -184,11 +184,11 @@ class DeadRecord:
                  "key", "kwargs", "lane", "name", "opts", "priority", "seq", "submitted_at",
                  "tags", "text")  # fmt: skip
 
-    def __init__(self, task: Task, now: float) -> None:
+    def __init__(self, task: Task, now: float, name: str) -> None:
         opts = task.opts
         self.id: str = task.id  # type: ignore[assignment]
         self.seq = task.seq
-        self.name: str = task.name  # type: ignore[assignment]
+        self.name = name
         self.tags = opts.tags
         self.key = opts.key
         self.fn = task.fn
@@ -208,7 +208,7 @@ class DeadRecord:
 
 def _task_entry(task: Task) -> Entry:
     opts = task.opts
-    name = task.name or opts.name or fn_name(task.fn)
+    name = opts.name or fn_name(task.fn)
     return Entry(task.seq, task, name, opts.tags, opts.key)
 
 
@@ -332,24 +332,23 @@ class Scheduler:
         if self._expiry and self._expiry[0][0] <= now:
             self.purge(now)
         tasks = self.tasks
-        reserved = self.reserved
         tid = task.id
-        if reserved and reserved.get(tid) is task:  # type: ignore[arg-type]
-            del reserved[tid]  # type: ignore[arg-type]  # phase two of a durable submit
+        if self.reserved:  # durable submits are committing, or stored ids wait: see reserve
+            tid = self._claim(task, now)
         else:
             if tid is None:
                 tid = f"t{self._ids()}"
-                while tid in tasks or (reserved and tid in reserved):  # taken with with_id()
+                while tid in tasks:  # a user took this id with with_id()
                     tid = f"t{self._ids()}"
                 task.id = tid
-            elif tid in tasks or (reserved and tid in reserved):
+            elif tid in tasks:
                 raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
             task.seq = self._seq()
             task.submitted_at = now
         lane = task.lane
         if lane is None:
             lane = task.lane = self._lane0
-        tasks[tid] = task  # type: ignore[index]
+        tasks[tid] = task
         self.submitted += 1
         start = task.start
         if start is None or start <= now:
@@ -471,6 +470,17 @@ class Scheduler:
         reserved[tid] = task
         task.seq = self._seq()
         task.submitted_at = now
+
+    def _claim(self, task: Task, now: float) -> str:
+        """``submit``'s id and order while some ids are reserved."""
+        reserved = self.reserved
+        tid = task.id
+        if tid is not None and reserved.get(tid) is task:
+            del reserved[tid]  # phase two of a durable submit: id and seq are set
+            return tid
+        self.reserve(task, now)  # checks both the held and the reserved ids
+        del reserved[task.id]  # type: ignore[arg-type]
+        return task.id  # type: ignore[return-value]
 
     def unreserve(self, task: Task) -> None:
         """Phase one undone (its commit failed)."""
@@ -664,7 +674,7 @@ class Scheduler:
         task.lane.running -= 1  # type: ignore[union-attr]
         task.ctx = None
         if error is None:
-            if task.opts.series is None:  # not a repeating task: _end_run, inlined
+            if rearm is None:  # no next run (not a series, or it ends): _end_run, inlined
                 self._finalize(task, SUCCEEDED, value, None, now)
                 return DONE
             return self._end_run(task, SUCCEEDED, value, None, rearm, now)
@@ -943,15 +953,14 @@ class Scheduler:
         task._error = error
         task.finished_at = now
         opts = task.opts
-        name = task.name
-        if name is None:  # fixed now: the function is dropped once the task is released
-            name = opts.name
-            if name is None:
-                try:
-                    name = task.fn.__qualname__  # type: ignore[union-attr]
-                except AttributeError:  # a partial, a callable object
-                    name = fn_name(task.fn)
-            task.name = name
+        name = opts.name
+        if name is None:
+            try:
+                name = task.fn.__qualname__  # type: ignore[union-attr]
+            except AttributeError:  # a partial, a callable object
+                name = fn_name(task.fn)
+            if opts is not DEFAULT_OPTIONS:
+                opts.name = name  # kept: the function is dropped once the task is released
         counts = self.by_name.get(name)
         if counts is None:
             counts = self._name_counts(name)
@@ -969,7 +978,7 @@ class Scheduler:
                 self.timed_out += 1
                 counts[3] += 1
             if self.dead_limit:
-                self._dead_letter(task, now)
+                self._dead_letter(task, now, name)
         if opts is not DEFAULT_OPTIONS:
             if opts.holds:
                 self._release_key(task)
@@ -1004,7 +1013,7 @@ class Scheduler:
 
     # -- dead letters -------------------------------------------------------------
 
-    def _dead_letter(self, task: Task, now: float) -> None:
+    def _dead_letter(self, task: Task, now: float, name: str) -> None:
         """Keep a task that failed for good, with what a resurrect needs."""
         dead = self.dead
         tid: str = task.id  # type: ignore[assignment]
@@ -1012,7 +1021,7 @@ class Scheduler:
         if old is not None:  # the same id failed again: the newer one stays
             self.graveyard.append(old)
             self._unlist_dead(old)
-        record = DeadRecord(task, now)
+        record = DeadRecord(task, now, name)
         dead[tid] = record
         while len(dead) > self.dead_limit:
             evicted = dead.pop(next(iter(dead)))

@@ -343,15 +343,14 @@ class Runtime:
                     if "TaskTimeoutError" in str((row.doc.get("error") or {}).get("type", ""))
                     else TaskState.FAILED
                 )
-                task.name = task.opts.name or row.doc.get("type")
-                dead.append(DeadRecord(task, task.finished_at or now))
+                name = task.opts.name or str(row.doc.get("type"))
+                dead.append(DeadRecord(task, task.finished_at or now, name))
             elif state in terminal:
                 expires = expires_at(row, clock)
                 if expires is None or expires <= now:
                     changes.append(row.id)  # expired while we were away
                     continue
                 task.state = terminal[state]
-                task.name = task.opts.name or row.doc.get("type")
                 restored.append(task)
             elif state == TaskState.RUNNING.value:
                 self._interrupted(task, now, restored, dead, changes)
@@ -417,9 +416,8 @@ class Runtime:
         task.state = TaskState.FAILED
         task._error = error
         task.finished_at = now
-        task.name = opts.name or spec.kind
         if self.sched.dead_limit:
-            record = DeadRecord(task, now)
+            record = DeadRecord(task, now, opts.name or spec.kind)
             dead.append(record)
             changes.append(self.sched.encode(task, "dead"))  # type: ignore[misc]
         else:
@@ -872,7 +870,7 @@ class Runtime:
             next_attempt_at=to_date(task.start) if state is TaskState.RETRYING else None,  # type: ignore[arg-type]
             runs=started if series is None else series.run + started,
             next_run_at=to_date(task.start) if series is not None and waiting else None,  # type: ignore[arg-type]
-            name=task.name or opts.name or fn_name(task.fn),
+            name=opts.name or fn_name(task.fn),
             tags=opts.tags,
             key=opts.key,
         )
@@ -1100,7 +1098,7 @@ class Runtime:
             active: dict[str, int] = {}
             for task in sched.tasks.values():
                 if task.state not in TERMINAL:
-                    name = task.name or task.opts.name or fn_name(task.fn)
+                    name = task.opts.name or fn_name(task.fn)
                     active[name] = active.get(name, 0) + 1
             dead: dict[str, int] = {}
             for record in sched.dead.values():

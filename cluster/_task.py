@@ -321,7 +321,6 @@ class Task:
         "id",
         "kwargs",
         "lane",
-        "name",
         "opts",
         "priority",
         "progress",
@@ -345,7 +344,6 @@ class Task:
         self.start: float | None = None  # monotonic due time; None: at submit
         self.opts = DEFAULT_OPTIONS  # replaced by a private copy before any change
         self.lane: Lane | None = None  # the executor's lane; None: the default (threads)
-        self.name: str | None = None  # the type name, fixed when terminal (fn is dropped)
         # Set by Scheduler.submit: seq (submission order, the FIFO tie-breaker)
         # and submitted_at; left unset until then to keep the builder cheap.
         self.seq: int
