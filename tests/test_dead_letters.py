@@ -694,3 +694,81 @@ def test_stats_by_name_shows_queued_tasks_as_active_under_their_default_names(
     c.add_task(Flaky()).submit()
     by = c.stats_by_name()
     assert by["explode"].active == 2 and by["Flaky"].active == 1
+
+
+# ---------------------------------------------------------------- ids, callbacks, tasks
+
+
+def test_resurrect_waits_for_a_cached_failure_to_free_its_id(clusters: Clusters) -> None:
+    c, clock = clusters.fake(1)
+    h = c.add_task(explode).with_cache(10).submit()
+    h.wait(WAIT)
+    with pytest.raises(DuplicateTaskError):  # the cached Result still holds the id
+        c.resurrect(h.id)
+    clock.advance(10)
+    with pytest.raises(TaskNotFoundError):  # purged now
+        c.info(h.id)
+    (again,) = c.resurrect(h.id)
+    result = again.wait(WAIT)
+    assert result is not None and isinstance(result.error, Planned)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: resurrect() checks `id in sched.tasks` without purging expired cached "
+    "results first (submit() and lookup() purge): right after the TTL passed it raises "
+    "DuplicateTaskError for an id that is free",
+)
+def test_resurrect_right_after_the_cache_time_passed_succeeds(clusters: Clusters) -> None:
+    c, clock = clusters.fake(1)
+    for _ in range(20):
+        h = c.add_task(explode).with_cache(10).submit()
+        h.wait(WAIT)
+        clock.advance(10)
+        (again,) = c.resurrect(h.id)
+        again.wait(WAIT)
+
+
+def test_an_id_that_fails_twice_keeps_its_newest_dead_letter(clusters: Clusters) -> None:
+    c = clusters.make(1)
+    first = c.add_task(explode, "first").with_id("x").submit().wait(WAIT)
+    second = c.add_task(explode, "second").with_id("x").submit().wait(WAIT)
+    assert first is not None and second is not None
+    (dead,) = c.dead_letters()
+    assert dead.id == "x" and dead.error is second.error
+    assert [(i.id, i.state) for i in c.tasks()] == [("x", TaskState.FAILED)]
+    assert c.stats().dead_letters == 1 and c.stats_by_name()["explode"].dead == 1
+
+
+def test_an_on_failure_callback_may_resurrect_its_own_task(clusters: Clusters) -> None:
+    c = clusters.make(2)
+    again: list[Any] = []
+    done = threading.Event()
+
+    def on_failure(task_id: str, error: BaseException) -> None:
+        if not again:
+            again.extend(c.resurrect(task_id))  # a cluster method, from a callback
+        else:
+            done.set()
+
+    c.add_task(explode).with_id("phoenix").on_failure(on_failure).submit().wait(WAIT)
+    assert done.wait(WAIT)
+    assert [h.id for h in again] == ["phoenix"]
+    assert dead_ids(c) == ["phoenix"]
+    assert c.stats_by_name()["explode"].failed == 2
+
+
+def test_the_dead_letter_methods_may_be_called_from_a_task(clusters: Clusters) -> None:
+    c = clusters.make(2)
+    c.add_task(explode).with_id("old").submit().wait(WAIT)
+
+    def inspect_from_inside() -> tuple[Any, ...]:
+        letters = [d.id for d in c.dead_letters()]
+        names = sorted(c.stats_by_name())
+        (again,) = c.resurrect("old")
+        listed = [i.id for i in c.tasks()]
+        return letters, names, again.id, listed, c.clear_dead_letters("nope")
+
+    letters, names, again, listed, cleared = c.add_task(inspect_from_inside).submit().result(WAIT)
+    assert letters == ["old"] and "explode" in names and again == "old"
+    assert "old" in listed and cleared == 0
