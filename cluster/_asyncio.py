@@ -98,6 +98,7 @@ class AsyncBackend(Backend):
         self._timer_at = float("inf")  # when the loop's dispatch timer fires
         self._owed = 0  # attempts delivering their Result on the loop, outside the lock
         self._sleepers: dict[_Slot, Task] = {}  # IMMEDIATE backoffs in progress
+        self._token_waits: set[_Slot] = set()  # ... whose retry waits for a token
         self._closing = False
         # ---- loop thread only ----
         self._timer: asyncio.TimerHandle | None = None
@@ -144,6 +145,10 @@ class AsyncBackend(Backend):
     def owed_locked(self) -> bool:
         """The loop is delivering a Result."""
         return self._owed > 0
+
+    def waiting_locked(self, now: float) -> int:
+        """IMMEDIATE retries whose backoff is over but whose key gives no token yet."""
+        return len(self._token_waits)
 
     def busy_locked(self, now: float) -> bool:
         """An IMMEDIATE backoff is over and its retry has not resumed yet."""
@@ -274,6 +279,42 @@ class AsyncBackend(Backend):
         else:
             self._beating = False
 
+    async def _backoff(self, task: Task, sleeping: TaskContext, slot: _Slot) -> bool:
+        """Sleep an IMMEDIATE retry's backoff on the loop (a cancel, a stop or a fake
+        clock's jump cuts it short), then resume: True if the next attempt starts."""
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        while True:
+            slot.wakeup = loop.create_future()
+            wait = rt.clock.timeout(max(0.0, task.start - rt.monotonic()))  # type: ignore[operator]
+            timer = None if wait is None else loop.call_later(wait, _wake, slot.wakeup)
+            try:
+                while rt.monotonic() < task.start and not slot.aborted:  # type: ignore[operator]
+                    await slot.wakeup
+                    slot.wakeup = loop.create_future()  # a fake clock's jump: look again
+            except asyncio.CancelledError:
+                pass
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                slot.wakeup = None
+            with rt.lock:
+                resumed = rt.sched.resume(task, sleeping, rt.monotonic())
+                later = not resumed and task.ctx is sleeping and not slot.aborted
+                if later:
+                    self._token_waits.add(slot)
+                else:
+                    self._sleepers.pop(slot, None)
+                    self._token_waits.discard(slot)
+                if resumed:
+                    ctx: TaskContext = task.ctx  # type: ignore[assignment]
+                    ctx._hook = slot.abort
+                    slot.aborted = False
+                    if ctx.deadline is not None:
+                        rt.arm_service_locked(ctx.deadline)
+            if not later:  # (later: its key's rate gives no token yet; sleep on)
+                return resumed
+
     async def _attempt(self, task: Task, ctx: TaskContext, slot: _Slot) -> None:
         """Run attempts of ``task`` (more than one for IMMEDIATE retries) and record them."""
         rt = self.rt
@@ -351,31 +392,9 @@ class AsyncBackend(Backend):
             if code != SLEEP:
                 return
             # IMMEDIATE retry: sleep the backoff on the loop, then resume.
-            loop = asyncio.get_running_loop()
-            slot.wakeup = loop.create_future()
-            wait = rt.clock.timeout(max(0.0, task.start - rt.monotonic()))  # type: ignore[operator]
-            timer = None if wait is None else loop.call_later(wait, _wake, slot.wakeup)
-            try:
-                while rt.monotonic() < task.start and not slot.aborted:  # type: ignore[operator]
-                    await slot.wakeup
-                    slot.wakeup = loop.create_future()  # a fake clock's jump: look again
-            except asyncio.CancelledError:
-                pass
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                slot.wakeup = None
-            with rt.lock:
-                self._sleepers.pop(slot, None)
-                resumed = sched.resume(task, sleeping, rt.monotonic())  # type: ignore[arg-type]
-                if resumed:
-                    ctx = task.ctx  # type: ignore[assignment]
-                    ctx._hook = slot.abort
-                    slot.aborted = False
-                    if ctx.deadline is not None:
-                        rt.arm_service_locked(ctx.deadline)
-            if not resumed:
+            if not await self._backoff(task, sleeping, slot):  # type: ignore[arg-type]
                 return
+            ctx = task.ctx  # type: ignore[assignment]
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -103,6 +103,11 @@ class Backend:
         or an attempt is due that no queue shows (an IMMEDIATE backoff that is over)."""
         return False
 
+    def waiting_locked(self, now: float) -> int:
+        """Attempts due that wait on a slot's own sleep (an IMMEDIATE retry whose backoff
+        is over, waiting for its key's rate to give a token)."""
+        return 0
+
     def join(self, deadline: float | None) -> int:
         """Wait until its threads exit, at most until ``deadline`` (monotonic);
         return how many are still alive."""

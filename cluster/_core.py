@@ -598,13 +598,22 @@ class Scheduler:
         return None
 
     def fire_gate_timers(self, now: float) -> None:
-        """Tokens came back: the tasks waiting for them go back to their queues."""
+        """Tokens came back: as many waiting tasks as there are tokens (and free holder
+        places) go back to their queues; if more wait, the next token is timed."""
         timers = self._gate_timers
         while timers and timers[0][0] <= now:
             when, _, gate = heappop(timers)
-            if gate.timer == when:
-                gate.timer = None
-                self._unpark(gate)
+            if gate.timer != when:
+                continue
+            gate.timer = None
+            ready = gate.tokens_now(now)
+            while ready >= 1 and self._unpark(gate):
+                ready -= 1
+            if gate.parked:
+                back = gate.next_token(now)
+                gate.timer = back
+                heappush(timers, (back, self._seq(), gate))
+                self.gate_armed = True
 
     def _begin(self, task: Task, lane: Lane, ctx: TaskContext, now: float) -> None:
         task.attempts += 1
@@ -712,13 +721,16 @@ class Scheduler:
             delay, rule, ending = decision, DEFAULT, error
         else:
             delay, rule, ending = decision.delay, decision.rule, decision.error  # type: ignore[union-attr]
+        unlimited = False
         if opts is not DEFAULT_OPTIONS:
             opts.last_error = error if ending is error else ending
-        if delay is not None and self.retries_allowed:
+            unlimited = delay is not None and _budget(opts, rule) == UNLIMITED
+        # (An UNLIMITED retry decided just before a stop began is not one after it.)
+        if delay is not None and self.retries_allowed and (self.runs_allowed or not unlimited):
             if opts is not DEFAULT_OPTIONS:
                 counted = decision if type(decision) is Decision else Decision(delay, rule, ending)
                 opts.counts = applied(opts.counts, counted, len(opts.rules), reset=reset)
-                opts.unlimited = _budget(opts, rule) == UNLIMITED
+                opts.unlimited = unlimited
             self.retried += 1
             lane = task.lane
             lane.delayed += 1  # type: ignore[union-attr]
@@ -782,9 +794,17 @@ class Scheduler:
 
     def resume(self, task: Task, ctx: TaskContext, now: float) -> bool:
         """After an IMMEDIATE backoff slept on ``ctx``: start the next attempt (with a
-        fresh context in ``task.ctx``) unless the task was cancelled meanwhile."""
+        fresh context in ``task.ctx``) unless the task was cancelled meanwhile. False
+        with ``task.ctx`` still ``ctx``: its key's rate gives no token yet, and the
+        backoff goes on until ``task.start``."""
         if task.ctx is not ctx or task.state is not RETRYING:
             return False
+        opts = task.opts
+        if opts is not DEFAULT_OPTIONS and opts.key is not None:
+            back = self.gate(opts.key).take_token(now)  # every attempt takes a token
+            if back is not None:
+                task.start = back  # not yet: the caller sleeps on until the token is back
+                return False
         ctx._task = None
         task.state = RUNNING
         lane = task.lane
@@ -839,22 +859,8 @@ class Scheduler:
         """
         state = task.state
         lane: Lane = task.lane  # type: ignore[assignment]
-        parked = False
-        if state is PENDING:  # (a queued task has no ctx)
-            if task.opts.parked:  # on its key's gate, in no queue
-                parked = True
-                self.parked -= 1
-                self.gates[task.opts.key].forget(task)  # type: ignore[index]
-            else:
-                lane.queued -= 1
-                lane.ready_dead += 1
-        elif state is DELAYED or state is RETRYING:
-            lane.delayed -= 1
-            if task.ctx is None:
-                lane.timer_dead += 1
-            else:  # an IMMEDIATE retry: wake the worker sleeping on it
-                task.ctx.signal(reason)
-                task.ctx = None
+        if state is PENDING or state is DELAYED or state is RETRYING:
+            self._unqueue(task, reason)
         elif state is RUNNING:
             lane.running -= 1
             ctx = task.ctx
@@ -869,20 +875,44 @@ class Scheduler:
             return False
         # The reason stands for the TaskCancelledError, created when first read.
         self._finalize(task, CANCELLED, None, reason, now)  # first: the entry is now dead
-        if parked:
-            pass
-        elif state is PENDING:
-            if lane.ready_dead > lane.queued:  # dead entries are the majority
-                lane.ready.compact(lane.queued, self.graveyard)  # amortised O(1) per cancel
-                lane.ready_dead = 0
-        elif lane.timer_dead:
-            self._compact_timers(lane)
+        self._compact_after(task, state)
         return True
+
+    def _unqueue(self, task: Task, reason: str = "shutdown") -> None:
+        """A task that waits (PENDING, DELAYED or RETRYING) leaves its queue: its entry
+        becomes a dead one (dropped lazily), or its IMMEDIATE backoff is cut short."""
+        lane: Lane = task.lane  # type: ignore[assignment]
+        if task.state is PENDING:  # (a queued task has no ctx)
+            opts = task.opts
+            if opts.parked:  # on its key's gate, in no queue
+                self.parked -= 1
+                self.gates[opts.key].forget(task)  # type: ignore[index]
+            else:
+                lane.queued -= 1
+                lane.ready_dead += 1
+        else:
+            lane.delayed -= 1
+            if task.ctx is None:
+                lane.timer_dead += 1
+            else:  # an IMMEDIATE retry: wake the worker sleeping on it
+                task.ctx.signal(reason)
+                task.ctx = None
+
+    def _compact_after(self, task: Task, state: TaskState) -> None:
+        """Drop dead entries once they are the majority (amortised O(1) per removal)."""
+        lane: Lane = task.lane  # type: ignore[assignment]
+        if state is PENDING:
+            if lane.ready_dead > lane.queued:
+                lane.ready.compact(lane.queued, self.graveyard)
+                lane.ready_dead = 0
+        elif state is not RUNNING and lane.timer_dead:
+            self._compact_timers(lane)
 
     def stop_series(self, now: float) -> list[Task]:
         """A graceful stop began: no series starts another run. A series waiting for its
         next run is cancelled (reason "shutdown"); a task waiting to retry on an
-        UNLIMITED budget ends with its last error. Returns the tasks made terminal."""
+        UNLIMITED budget (its backoff running, or due and queued) ends with its last
+        error. Returns the tasks made terminal."""
         self.runs_allowed = False
         done: list[Task] = []
         for task in [t for t in self.tasks.values() if t.state not in TERMINAL]:
@@ -890,20 +920,17 @@ class Scheduler:
             if opts is DEFAULT_OPTIONS:
                 continue
             state = task.state
-            if opts.series is not None and (state is DELAYED or state is PENDING):
+            if state is not DELAYED and state is not PENDING and state is not RETRYING:
+                continue  # running: carried to the end of its run
+            if opts.series is not None and task.attempts == 0:  # waiting for a run
                 self.cancel(task, "shutdown", now)
                 done.append(task)
-            elif state is RETRYING and opts.unlimited:
-                lane: Lane = task.lane  # type: ignore[assignment]
-                lane.delayed -= 1
-                if task.ctx is None:
-                    lane.timer_dead += 1
-                else:  # an IMMEDIATE backoff: wake the worker sleeping on it
-                    task.ctx.signal("shutdown")
-                    task.ctx = None
+            elif opts.unlimited and task.attempts:  # waiting for an UNLIMITED retry
                 error = task._error
+                self._unqueue(task)
                 finished = TIMED_OUT if isinstance(error, TaskTimeoutError) else FAILED
                 self._finalize(task, finished, None, error, now)
+                self._compact_after(task, state)
                 done.append(task)
         return done
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Gate"]
 
+#: Slack on token counts: float rounding must not turn a whole token into 0.99999...
+_EPSILON = 1e-9
+
 
 class Gate:
     """The limit of one key, its holders and its parked tasks."""
@@ -51,6 +54,18 @@ class Gate:
         self.stamp = now
         self.timer = None
 
+    def tokens_now(self, now: float) -> float:
+        """The tokens in the bucket at ``now`` (none taken)."""
+        rate = self.rate
+        if rate is None:
+            return float("inf")
+        return min(float(self.burst), self.tokens + (now - self.stamp) * rate) + _EPSILON
+
+    def next_token(self, now: float) -> float:
+        """When the bucket next holds a whole token."""
+        tokens = self.tokens_now(now) - _EPSILON
+        return now + max(0.0, 1.0 - (tokens % 1.0 if tokens >= 1 else tokens)) / self.rate  # type: ignore[operator]
+
     def take_token(self, now: float) -> float | None:
         """Take a start token; None if taken, else when the next one comes back."""
         rate = self.rate
@@ -58,8 +73,8 @@ class Gate:
             return None
         tokens = min(float(self.burst), self.tokens + (now - self.stamp) * rate)
         self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens + _EPSILON >= 1.0:  # (a refill of exactly 1/rate may round to 0.999...)
+            self.tokens = max(0.0, tokens - 1.0)
             return None
         self.tokens = tokens
         return now + (1.0 - tokens) / rate

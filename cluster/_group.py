@@ -44,9 +44,10 @@ class _GroupBuilder(TaskBuilder[T]):
     def submit(self) -> TaskHandle[T]:
         """Queue the task and add it to the group (see ``TaskBuilder.submit``)."""
         group: TaskGroup = self._group
-        group._check_open()
-        handle = super().submit()
-        group._joined(handle)
+        with group._order:  # handles are kept in submission order, also across threads
+            group._check_open()
+            handle = super().submit()
+            group._joined(handle)
         return handle
 
 
@@ -62,6 +63,7 @@ class TaskGroup:
         self._cluster = cluster
         self._fail_fast = fail_fast
         self._lock = threading.Lock()  # guards _handles, _tripped, _closed
+        self._order = threading.Lock()  # serialises submits (taken before _lock)
         self._handles: list[TaskHandle[Any]] = []
         self._tripped = False  # fail_fast fired
         self._closed = False  # the with block was left: no more tasks
@@ -148,21 +150,20 @@ class TaskGroup:
         if exc is not None:
             self.cancel()
         results = self.wait()
-        errors: list[Exception] = []
+        errors: list[BaseException] = []
         for result in results:
             error = result.error
             if error is None or isinstance(error, TaskCancelledError):
                 continue
-            if isinstance(error, Exception):
-                errors.append(error)
-            else:  # a BaseException that ended a task: reported as a failure
-                errors.append(RuntimeError(f"a task of the group raised {error!r}"))
+            errors.append(error)  # a task's BaseException too: the group is then a Base...
         if exc is not None and not isinstance(exc, Exception):
             return None  # KeyboardInterrupt, SystemExit: re-raised as themselves
         if exc is not None:
             errors.append(exc)
         if errors:
-            raise ExceptionGroup("tasks of the group failed", errors)
+            # An ExceptionGroup when every error is an Exception (BaseExceptionGroup's
+            # constructor picks it), else a BaseExceptionGroup.
+            raise BaseExceptionGroup("tasks of the group failed", errors)
         return None
 
     def __repr__(self) -> str:

@@ -43,6 +43,7 @@ from ._delivery import (
     Runners,
     SeriesSink,
     Signal,
+    clear_frames,
     deliver_sinks,
     has_callbacks,
     run_callbacks,
@@ -900,7 +901,8 @@ class Runtime:
                 workers=self.pool.alive_locked(),
                 abandoned=self.abandoned_threads,
                 executors=executors,
-                waiting=s.parked,
+                waiting=s.parked
+                + sum(b.waiting_locked(self.monotonic()) for b in self.backends.values()),
                 dead_letters=len(s.dead),
                 dead_letters_evicted=s.dead_evicted,
             )
@@ -928,6 +930,9 @@ class Runtime:
     ) -> tuple[int, list[TaskInfo]]:
         """(total, a page of TaskInfo), newest submission first (see ``Cluster.tasks``)."""
         with self.lock:
+            now = self.monotonic()
+            if self.sched.next_expiry() is not None and self.sched.next_expiry() <= now:  # type: ignore[operator]
+                self.sched.purge(now)  # an expired cached result is not listed
             listing = self.sched.catch_up_listing()
             accept = None
             if states is not None:
@@ -943,6 +948,9 @@ class Runtime:
                 name=name, tag=tag, key=key, accept=accept, limit=limit, offset=offset
             )
             page = [self._entry_info_locked(e) for e in entries]
+            left = self.leftovers_locked()
+        if left is not None:
+            self.after_lock(left)
         return total, page
 
     def _entry_info_locked(self, entry: Entry) -> TaskInfo:
@@ -1038,6 +1046,9 @@ class Runtime:
             sched = self.sched
             if self.state >= STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; resurrect() is refused")
+            now = self.monotonic()
+            if sched.next_expiry() is not None and sched.next_expiry() <= now:  # type: ignore[operator]
+                sched.purge(now)  # an id whose cached result expired is free again
             records = []
             for tid in task_ids:
                 record = sched.dead.get(tid)
@@ -1051,6 +1062,11 @@ class Runtime:
                 records.append(record)
             if len(set(task_ids)) != len(task_ids):
                 raise ValueError("resurrect() got the same id twice")
+            if self.max_pending is not None:
+                self._wait_for_room_locked(len(records))
+                for record in records:  # (a stop or a cancel may have come meanwhile)
+                    if sched.dead.get(record.id) is not record or record.id in sched.tasks:
+                        raise TaskNotFoundError(f"dead letter {record.id!r} is gone")
             now = self.monotonic()
             for record in records:
                 sched.take_dead(record.id)
@@ -1228,6 +1244,7 @@ class Runtime:
             with self.lock:
                 self.settle_locked(1)
             run_callbacks(task)
+            _clear_dead_frames(task)
             task.release()
         elif run_ended is not None:
             run_callbacks(task, run_ended)
@@ -1276,6 +1293,8 @@ class Runtime:
         """Is anything running, due, being settled or delivered, or calling back?"""
         sched = self.sched
         now = self.monotonic()
+        if sched.parked:  # waiting only for a key or its rate: still work to do (SPEC §12)
+            return True
         for lane in sched.lanes:
             if lane.running or lane.queued:
                 return True
@@ -1317,6 +1336,7 @@ class Runtime:
                 self.wake_lanes_locked()
         for task in tasks:
             if not has_callbacks(task):
+                _clear_dead_frames(task)
                 task.release()
 
     def leftovers_locked(self) -> Leftovers | None:
@@ -1440,8 +1460,16 @@ def _series_results(task: Task, sink: SeriesSink, timeout: float | None) -> Iter
             return
 
 
+def _clear_dead_frames(task: Task) -> None:
+    """A dead letter's Result is delivered: its frames' locals go (SPEC §13)."""
+    state = task.state
+    if state is TaskState.FAILED or state is TaskState.TIMED_OUT:
+        clear_frames(task.error)
+
+
 def _callbacks_then_release(task: Task) -> None:
     run_callbacks(task)
+    _clear_dead_frames(task)
     task.release()
 
 

@@ -94,6 +94,7 @@ class SlotPool(Backend):
         self._timer_target = math.inf  # when the timekeeper wakes by itself
         #: Slots sleeping an IMMEDIATE retry's backoff, and the task each sleeps for.
         self._sleepers: dict[Slot, Task] = {}
+        self._token_waits: set[Slot] = set()  # sleepers whose retry waits for a token
 
     @property
     def capacity(self) -> int:
@@ -151,6 +152,10 @@ class SlotPool(Backend):
         """A slot is delivering a Result outside the lock."""
         return any(slot.owed for slot in self._pool)
 
+    def waiting_locked(self, now: float) -> int:
+        """IMMEDIATE retries whose backoff is over but whose key gives no token yet."""
+        return len(self._token_waits)
+
     def busy_locked(self, now: float) -> bool:
         """A slot delivers or runs callbacks, or an IMMEDIATE backoff is over."""
         if any(slot.calling for slot in self._pool):
@@ -168,6 +173,7 @@ class SlotPool(Backend):
         self._pool.clear()
         self._idle.clear()
         self._sleepers.clear()
+        self._token_waits.clear()
         self._timekeeper = None
         self._timer_target = math.inf
 
@@ -326,14 +332,20 @@ class SlotPool(Backend):
                         action = _EXIT
                     # (STALE on a killing backend: the slot already recovered; go on.)
                 elif sleeping is not None:  # the backoff is over (or was cut short)
-                    self._sleepers.pop(me, None)
                     if sched.resume(task, sleeping, now):  # type: ignore[arg-type]
                         nxt = task
                         fresh_ctx: TaskContext = task.ctx  # type: ignore[union-attr,assignment]
                         fresh_ctx._worker = me
                         if fresh_ctx.deadline is not None:
                             rt.arm_service_locked(fresh_ctx.deadline)
-                    sleeping = None
+                        sleeping = None
+                    elif task.ctx is not sleeping:  # type: ignore[union-attr]  # cancelled
+                        sleeping = None
+                    else:  # its key's rate gives no token yet: the backoff goes on
+                        self._token_waits.add(me)
+                    if sleeping is None:
+                        self._sleepers.pop(me, None)
+                        self._token_waits.discard(me)
                 if action == _EXIT:
                     pass
                 elif sleeping is not None:

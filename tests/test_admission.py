@@ -537,12 +537,6 @@ def test_wait_idle_blocks_while_a_task_waits_for_its_key(
     assert waiter.result(0) == "waiter"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wait_idle (Runtime._busy_locked) never looks at tasks parked on a gate: "
-    "it returns True while a rate-limited task waits for its token, which SPEC §12 "
-    "says counts as work (one waiting only for its key or limit does)",
-)
 def test_wait_idle_blocks_while_a_task_waits_for_a_rate_token(clusters: Clusters) -> None:
     c, clock = clusters.fake(2)
     c.limit("k", concurrency=5, rate=1, burst=1)

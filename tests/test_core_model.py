@@ -84,13 +84,13 @@ CLOCK = FakeClock()  # plan()'s wall-time conversions (unused by every= schedule
 #: A task with no retry policy (no with_retry, no rule) that raises
 #: ``StopRetrying() from cause`` or ``RetryAfter(d) from cause`` ends with the
 #: directive instead of the cause.
-AVOID_DIRECTIVE_WITHOUT_POLICY = True
+AVOID_DIRECTIVE_WITHOUT_POLICY = False
 #: ``stop_series`` keys on the task's state: a waiting retry that a pop promoted to
 #: PENDING is cancelled if the task repeats, and not ended if its budget is UNLIMITED.
-AVOID_PROMOTED_RETRY_AT_STOP = True
+AVOID_PROMOTED_RETRY_AT_STOP = False
 #: An UNLIMITED retry decided just before ``stop_series`` and applied just after it
 #: is still scheduled (the task is retried after the stop began).
-AVOID_UNLIMITED_RETRY_ACROSS_STOP = True
+AVOID_UNLIMITED_RETRY_ACROSS_STOP = False
 
 
 class Net(Exception):
@@ -323,6 +323,7 @@ class Rec:
     # Repeat state: the grid's origin, the current run's due time, runs before it.
     first: float = 0.0
     last_due: float = 0.0
+    began: float = float("-inf")  # when the current run's first attempt started
     run: int = 0
 
     @property
@@ -402,7 +403,12 @@ class Rec:
             return None
         if rs.count is not None and self.run + 1 >= rs.count:
             return None
-        return grid_next(self.first, rs.every, self.last_due, now)
+        last = self.last_due
+        if self.began > last:  # occurrences missed before the run began collapsed into it
+            caught = grid_next(self.first, rs.every, last, self.began)
+            if caught <= self.began:
+                last = caught
+        return grid_next(self.first, rs.every, last, now)
 
 
 def _snapshot(s: Scheduler, t: Task) -> tuple[object, ...]:
@@ -466,9 +472,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self, r: Rec, error: BaseException, decision: Decision | None, verdict: Verdict
     ) -> None:
         if not r.has_policy:
-            assert decision is None, decision
             assert not verdict.retry
-            assert verdict.ending is error  # (directives with a cause are avoided)
+            if decision is None:  # nothing may be retried: the error ends the task
+                assert verdict.ending is error, verdict
+            else:  # a directive with a cause: it ends with the cause
+                assert decision.delay is None, decision
+                assert decision.error is verdict.ending, (decision, verdict)
             return
         assert decision is not None
         assert decision.error is verdict.ending, (decision, verdict)
@@ -570,7 +579,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert t.finished_at == self.now
         rs = r.spec.repeat
         assert rs is not None
-        nxt = grid_next(r.first, rs.every, r.last_due, r.last_due)  # the next occurrence
+        last = r.last_due
+        if r.began > last:  # occurrences missed before the run began collapsed into it
+            caught = grid_next(r.first, rs.every, last, r.began)
+            if caught <= r.began:
+                last = caught
+        nxt = grid_next(r.first, rs.every, last, last)  # the next occurrence
         if nxt <= self.now:
             event("series: missed occurrences collapsed")
             assert rearm <= self.now
@@ -761,6 +775,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert best.start <= self.now
         best.state = "running"
         best.attempts += 1
+        if best.attempts == 1:
+            best.began = self.now  # a run begins
         assert t.state is TaskState.RUNNING
         assert t.attempts == best.attempts
         assert t.started_at == self.now
@@ -1282,7 +1298,6 @@ def test_a_series_cancelled_between_runs_ends_with_the_next_runs_number() -> Non
 # -- known bugs (SPEC §10, §11): strict xfails, so that a fix is noticed ------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: no policy: StopRetrying() from cause ends with it")
 def test_stop_retrying_from_cause_without_retry_policy_ends_with_the_cause() -> None:
     """SPEC §10: StopRetrying() from cause fails the task with the cause; a task with no
     with_retry and no rule (decide() returns None) ends with the StopRetrying instead."""
@@ -1294,7 +1309,6 @@ def test_stop_retrying_from_cause_without_retry_policy_ends_with_the_cause() -> 
     assert t.error is cause
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: no policy: RetryAfter(d) from cause ends with it")
 def test_retry_after_from_cause_without_retry_policy_ends_with_the_cause() -> None:
     """SPEC §10: when no retry happens the task fails with the RetryAfter's cause."""
     s = Scheduler(rng=random.Random(0))
@@ -1313,7 +1327,6 @@ def _promote_retry(s: Scheduler, t: Task, now: float) -> None:
     assert t.state is TaskState.PENDING and t.attempts == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stop_series misses an UNLIMITED retry once promoted")
 def test_stop_series_ends_an_unlimited_retry_even_once_it_is_due() -> None:
     """SPEC §10: once a graceful stop has begun an UNLIMITED task is not retried again.
     stop_series only looks at RETRYING tasks: a due retry that a pop promoted to
@@ -1328,7 +1341,6 @@ def test_stop_series_ends_an_unlimited_retry_even_once_it_is_due() -> None:
     assert t.state is TaskState.FAILED and t.error is error
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stop_series cancels a series mid-run once promoted")
 def test_stop_series_carries_a_series_whose_due_retry_waits() -> None:
     """SPEC §11: a series whose run is going ends with that run's Result. stop_series
     cancels every series that is PENDING, also one whose retry (within a run) a pop has
@@ -1342,7 +1354,6 @@ def test_stop_series_carries_a_series_whose_due_retry_waits() -> None:
     assert t.state is TaskState.PENDING
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an UNLIMITED retry decided before stop is applied")
 def test_an_unlimited_retry_decided_before_the_stop_is_not_scheduled_after_it() -> None:
     """SPEC §10: plan() runs outside the lock; a stop_series between it and finish()
     must not let an UNLIMITED retry through (finish() re-checks runs_allowed for a

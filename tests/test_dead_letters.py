@@ -331,12 +331,6 @@ def _unlimited_with_a_local(refs: list[weakref.ref[Bulky]]) -> None:
     raise ConnectionError("down, with a bulky local")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a dead letter made by a graceful stop (an UNLIMITED retry ends with its "
-    "last error, Scheduler.stop_series) is delivered by Runtime.deliver_all, which never "
-    "clears its traceback frames: the raising frame's locals outlive the task",
-)
 @pytest.mark.parametrize("mode", [RetryMode.REQUEUE, RetryMode.IMMEDIATE])
 def test_frame_locals_of_a_dead_letter_made_by_stop_are_released(
     clusters: Clusters, mode: RetryMode
@@ -594,12 +588,6 @@ def test_a_dead_letter_of_a_process_task_can_be_resurrected(
     assert c.dead_letters() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resurrect() submits without Runtime._wait_for_room_locked: with "
-    "max_pending reached it adds tasks that have not started beyond the bound that "
-    "SPEC §12 sets (reject should raise QueueFullError)",
-)
 def test_resurrect_respects_max_pending(clusters: Clusters) -> None:
     c = clusters.make(1, max_pending=1, on_full="reject")
     h = c.add_task(explode).submit()
@@ -713,12 +701,6 @@ def test_resurrect_waits_for_a_cached_failure_to_free_its_id(clusters: Clusters)
     assert result is not None and isinstance(result.error, Planned)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resurrect() checks `id in sched.tasks` without purging expired cached "
-    "results first (submit() and lookup() purge): right after the TTL passed it raises "
-    "DuplicateTaskError for an id that is free",
-)
 def test_resurrect_right_after_the_cache_time_passed_succeeds(clusters: Clusters) -> None:
     c, clock = clusters.fake(1)
     for _ in range(20):

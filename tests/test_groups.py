@@ -419,12 +419,6 @@ def test_a_group_of_many_tasks_waits_for_all_of_them(clusters: Clusters) -> None
     assert [r.value for r in g.wait(0)] == [f"t{i}" for i in range(200)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskGroup._joined appends the handle after TaskBuilder.submit() has "
-    "returned, outside any lock: tasks submitted into one group from several threads "
-    "at once end up in g.handles (and g.wait()) out of submission order",
-)
 def test_handles_are_in_submission_order_when_threads_submit_at_once(
     clusters: Clusters,
 ) -> None:
@@ -453,12 +447,6 @@ def test_handles_are_in_submission_order_when_threads_submit_at_once(
         sys.setswitchinterval(old)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a task of the group that raised a BaseException (SystemExit) is reported "
-    "as a new RuntimeError that does not carry it (no __cause__): the task's own error "
-    "is lost from the group's exception, unlike asyncio.TaskGroup",
-)
 def test_a_task_that_raised_a_base_exception_is_reported_with_that_error(
     clusters: Clusters,
 ) -> None:

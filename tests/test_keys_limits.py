@@ -568,12 +568,6 @@ def test_no_token_comes_back_before_one_over_the_rate(clusters: Clusters) -> Non
     assert t.times[-1] == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the token bucket compares refilled float tokens with 1.0 exactly: after "
-    "advance(0.1) steps, (now - stamp) * 10 is 0.9999999999999998 at 0.4 s, so the "
-    "token that SPEC §12 says is back after 1/rate comes back a step late",
-)
 def test_with_rate_10_starts_are_exactly_a_tenth_of_a_second_apart(clusters: Clusters) -> None:
     c, clock = clusters.fake(4)
     c.limit("k", concurrency=20, rate=10, burst=1)
@@ -629,15 +623,7 @@ def test_an_idle_bucket_refills_up_to_its_burst_only(clusters: Clusters) -> None
     "mode",
     [
         RetryMode.REQUEUE,
-        pytest.param(
-            RetryMode.IMMEDIATE,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: an IMMEDIATE retry resumes on its worker (Scheduler.resume) "
-                "without taking a token: SPEC §12 says every attempt, retries included, "
-                "takes one",
-            ),
-        ),
+        RetryMode.IMMEDIATE,
     ],
 )
 def test_every_attempt_including_retries_takes_a_token(clusters: Clusters, mode: RetryMode) -> None:
@@ -773,12 +759,6 @@ def test_keys_are_independent_of_each_other(clusters: Clusters) -> None:
     assert [h.result(WAIT) for h in handles] == ["o", "t0", "t1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a token that comes back (Scheduler.fire_gate_timers) sends one parked "
-    "task back to its queue and arms no timer for the others: while the tasks that "
-    "started still run, the rest of the key wait for a holder to end, not for tokens",
-)
 def test_rate_limited_tasks_keep_starting_while_earlier_ones_still_run(
     clusters: Clusters, new_event: EventFactory
 ) -> None:
@@ -797,12 +777,6 @@ def test_rate_limited_tasks_keep_starting_while_earlier_ones_still_run(
         h.result(WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the timer of a full bucket fires, only one parked task goes back "
-    "to its queue (Scheduler.fire_gate_timers); the other tokens of the burst are unused "
-    "while the started task runs",
-)
 def test_a_refilled_burst_starts_that_many_waiting_tasks(
     clusters: Clusters, new_event: EventFactory
 ) -> None:

@@ -460,12 +460,6 @@ def test_an_expired_cached_task_leaves_the_listing_once_it_is_purged(
     assert c.tasks() == [] and c.count_tasks() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tasks() does not purge expired cached results first (lookup() does): "
-    "right after the TTL passes it still lists a task that info() and subscribe() "
-    "already refuse with TaskNotFoundError",
-)
 def test_tasks_never_lists_a_result_whose_cache_time_has_passed(clusters: Clusters) -> None:
     c, clock = clusters.fake(1)
     for _ in range(20):
