@@ -36,6 +36,7 @@ from ._errors import (
     UnknownTaskTypeError,
     WorkerCrashedError,
 )
+from ._events import Observer
 from ._futures import Executor
 from ._group import TaskGroup
 from ._task import (
@@ -93,6 +94,7 @@ __all__ = [
     "LifecycleContext",
     "LinearBackoff",
     "NameStats",
+    "Observer",
     "ProcessExecutor",
     "QueueFullError",
     "Result",

@@ -337,6 +337,8 @@ class AsyncBackend(Backend):
                         "async task %r ignored its cancellation; its outcome is dropped",
                         ctx.task_id,
                     )
+                if rt.observers:
+                    rt.report_attempt(task, rt.monotonic(), error)
             decision = rearm = None
             opts = task.opts
             if error is not None or (opts is not DEFAULT_OPTIONS and opts.repeat is not None):

@@ -22,6 +22,7 @@ from ._backend import Backend
 from ._builder import TaskBuilder, TaskHandle
 from ._clock import Clock, SystemClock
 from ._errors import UnknownTaskTypeError
+from ._events import Observer
 from ._runtime import RESERVED, Runtime
 from ._task import (
     DEFAULT_OPTIONS,
@@ -454,6 +455,19 @@ class Cluster:
         each ``advance()``."""
         limit = None if timeout is None else seconds(timeout, "timeout")
         return self._rt.wait_idle(limit)
+
+    # ------------------------------------------------------------------ observers
+
+    def observe(self, observer: Observer) -> None:
+        """Call ``observer`` (a ``cluster.Observer``) on every attempt's end, on the thread
+        where it ends and outside every lock (metrics, dashboards, progress bars)."""
+        if not isinstance(observer, Observer):
+            raise TypeError(f"observer must be a cluster.Observer, got {type(observer).__name__}")
+        self._rt.observe(observer)
+
+    def unobserve(self, observer: Observer) -> None:
+        """Stop calling ``observer``."""
+        self._rt.unobserve(observer)
 
     # ------------------------------------------------------------------ background operations
 

@@ -60,6 +60,7 @@ from ._errors import (
     TaskNotFoundError,
     TaskTimeoutError,
 )
+from ._events import Observer
 from ._listing import Entry, fn_name
 from ._policy import applied
 from ._service import Service
@@ -163,6 +164,9 @@ class Runtime:
         #: lock by ``leftovers_locked``, and waited for outside it.
         self.store: SQLiteStore | None = None
         self.registry: dict[str, Callable[..., Any]] = {}  #: registered task types
+        #: Who hears of every attempt (``Cluster.observe``); replaced, never mutated, so
+        #: that the threads that call them read it without the lock.
+        self.observers: tuple[Observer, ...] = ()
         #: Stored rows that could not become tasks at recovery (kept in the file).
         self.unrecovered: list[BadRow] = []
         # Admission control (SPEC §12): submit() waits on _room while max_pending tasks
@@ -910,6 +914,33 @@ class Runtime:
     def __repr__(self) -> str:
         state = ("new", "running", "stopping", "stopped")[self.state]
         return f"<cluster runtime {state} live={self.sched.live}>"
+
+    # ------------------------------------------------------------------ observers
+
+    def observe(self, observer: Observer) -> None:
+        """See ``Cluster.observe``."""
+        with self.lock:
+            if observer not in self.observers:
+                self.observers = (*self.observers, observer)
+
+    def unobserve(self, observer: Observer) -> None:
+        """See ``Cluster.unobserve``."""
+        with self.lock:
+            self.observers = tuple(o for o in self.observers if o is not observer)
+
+    def report_attempt(self, task: Task, ended: float, error: BaseException | None) -> None:
+        """Tell the observers an attempt of ``task`` ended (on its thread, no lock held)."""
+        started = task.started_at or ended
+        due: float = task.start if task.start is not None else started
+        name = task.opts.name or fn_name(task.fn)
+        executor = task.lane.name if task.lane is not None else THREADS
+        waited = max(0.0, started - due)
+        ran = max(0.0, ended - started)
+        for observer in self.observers:
+            try:
+                observer.attempt_ended(name, executor, waited, ran, error)
+            except Exception:
+                log.exception("observer %r raised", observer)
 
     # ------------------------------------------------------------------ keys, listing (§12)
 

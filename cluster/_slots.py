@@ -435,6 +435,8 @@ class SlotPool(Backend):
                 _drop_frame(exc)
             finally:
                 current.reset(token)
+            if rt.observers:
+                rt.report_attempt(task, clock(), error)  # type: ignore[arg-type]
             decision = rearm = None
             opts = task.opts  # type: ignore[union-attr]
             if error is not None or (opts is not DEFAULT_OPTIONS and opts.repeat is not None):

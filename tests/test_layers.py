@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "_queues": 2,
     "_core": 2,
     "_host": 3,
+    "_events": 3,
     "_backend": 3,
     "_delivery": 3,
     "_slots": 4,
