@@ -623,7 +623,9 @@ class Scheduler:
         if timeout is not None:
             ctx.deadline = now + timeout
             deadlines = self._deadlines
-            if len(deadlines) > 2 * self.running + _COMPACT_MIN:
+            # Entries of attempts that ended are dropped when they pile up (looked at
+            # every 64 pushes: counting the running attempts sums over the lanes).
+            if len(deadlines) & 63 == 63 and len(deadlines) > 2 * self.running + _COMPACT_MIN:
                 deadlines[:] = [e for e in deadlines if e[2]._task is not None]
                 heapify(deadlines)
             heappush(deadlines, (ctx.deadline, self._seq(), ctx))
@@ -859,7 +861,13 @@ class Scheduler:
         """
         state = task.state
         lane: Lane = task.lane  # type: ignore[assignment]
-        if state is PENDING or state is DELAYED or state is RETRYING:
+        if state is DELAYED and task.ctx is None:  # _unqueue's common cases, inlined
+            lane.delayed -= 1
+            lane.timer_dead += 1
+        elif state is PENDING and not task.opts.parked:
+            lane.queued -= 1
+            lane.ready_dead += 1
+        elif state is PENDING or state is DELAYED or state is RETRYING:
             self._unqueue(task, reason)
         elif state is RUNNING:
             lane.running -= 1
@@ -875,7 +883,12 @@ class Scheduler:
             return False
         # The reason stands for the TaskCancelledError, created when first read.
         self._finalize(task, CANCELLED, None, reason, now)  # first: the entry is now dead
-        self._compact_after(task, state)
+        if state is PENDING:
+            if lane.ready_dead > lane.queued:  # dead entries are the majority
+                lane.ready.compact(lane.queued, self.graveyard)  # amortised O(1) per cancel
+                lane.ready_dead = 0
+        elif state is not RUNNING and lane.timer_dead:
+            self._compact_timers(lane)
         return True
 
     def _unqueue(self, task: Task, reason: str = "shutdown") -> None:
@@ -1025,8 +1038,6 @@ class Scheduler:
             if not self._expiry:
                 self.expiry_armed = True
             heappush(self._expiry, (now + ttl, task.seq, task))
-        if self._deadlines and not self.running:
-            self._deadlines.clear()  # all dead: no attempt is running
 
     def _name_counts(self, name: str) -> list[int]:
         """The counters of a new name (at most ``MAX_NAMES``; the rest share "other")."""

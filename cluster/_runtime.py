@@ -826,7 +826,7 @@ class Runtime:
                 self.unsettled -= 1  # nothing to deliver: settled already
                 if not self.unsettled:
                     self.settle_locked(0)
-            left = self.leftovers_locked()
+            left = self.leftovers_locked() if sched.graveyard or sched.journal else None
         finally:
             lock.release()
         if left is not None:
