@@ -53,6 +53,7 @@ from cluster import (
     current,
 )
 from cluster._durable import MAX_INTERRUPTS
+from cluster._store import Row
 
 EXAMPLE = ROOT / "examples" / "durable.py"
 LIVE_STATES = {"pending", "delayed", "running", "retrying"}
@@ -385,7 +386,8 @@ def test_a_task_waiting_to_retry_comes_back_with_its_attempts_and_due_time(
     c = clusters(path, types={"flaky": flaky})
     info = c.info(task_id)
     assert info.attempts == 1
-    assert isinstance(info.last_error, ClusterError | OSError)
+    assert isinstance(info.last_error, cluster.StoredError)
+    assert info.last_error.type_name.endswith("OSError")
     assert "attempt 0" in str(info.last_error)
     if time.time() < doc["start"] - 0.5:  # (not yet due: the retry still waits)
         assert info.state is TaskState.RETRYING
@@ -1282,8 +1284,6 @@ def test_a_forked_child_cannot_write_through_the_parents_store(
         except BaseException as exc:
             outcome.append(f"submit-{type(exc).__name__}")
         try:
-            from cluster._store import Row
-
             store.write([Row("raw", 1, "pending", {})])
             outcome.append("written")
         except RuntimeError:
@@ -1428,13 +1428,28 @@ def test_a_full_database_refuses_the_submit_and_queues_nothing(
     assert info.value.path == str(path)
     with pytest.raises(StoreWriteError):
         c.submit_all([c.add_task("echo", "y" * 200_000), c.add_task("echo", 1).with_id("small")])
-    with pytest.raises(TaskNotFoundError):
-        c.info("big")
+    for refused in ("big", "small"):
+        with pytest.raises(TaskNotFoundError):
+            c.info(refused)
     assert {i.id for i in c.tasks()} == set(acked)
     assert c.stats().submitted == 5
     assert set(task_rows(path)) == set(acked)
     c.add_task("echo", 2).with_id("big").with_delay(3600).submit()  # the id is free again
     assert set(task_rows(path)) == {*acked, "big"}
+
+
+def test_a_failed_commit_of_a_tasks_progress_is_logged_and_the_work_goes_on(
+    clusters: OpenCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    c = clusters(store, types={"big": lambda: "v" * 300_000})
+    cap_size(store, 2)  # the cached Result (300 kB of JSON) cannot be written
+    result = get(c.add_task("big").with_cache(60).submit().subscribe())
+    assert result.value == "v" * 300_000  # delivered in this process all the same
+    assert any("could not record" in r.getMessage() for r in caplog.records)
+    failed = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], StoreError)]
+    assert failed and str(path) in str(failed[0].exc_info[1])  # type: ignore[index]
 
 
 @pytest.fixture
@@ -1477,6 +1492,41 @@ def test_a_full_disk_refuses_the_submit_and_keeps_every_acknowledged_task(
 
 
 # --------------------------------------------------------------------------- concurrency
+
+
+def test_max_pending_refuses_a_durable_submit_before_anything_is_written(
+    clusters: OpenCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.db"
+    c = clusters(path, run=False, max_pending=2, on_full="reject")
+    c.add_task("echo", 1).with_id("a").submit()
+    c.add_task("echo", 2).with_id("b").submit()
+    with pytest.raises(cluster.QueueFullError):
+        c.add_task("echo", 3).with_id("c").submit()
+    with pytest.raises(cluster.QueueFullError):
+        c.submit_all([c.add_task("echo", 4).with_id("d")])
+    assert set(task_rows(path)) == {"a", "b"}
+
+
+def test_without_dead_letters_an_interrupted_task_leaves_nothing_behind(
+    children: Spawn, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.db"
+    child = serve(children, path)
+    child.send("run")
+    task_id = child.submit(type="block")
+    child.wait_for(lambda line: line.get("ev") == "started" and line["id"] == task_id)
+    child.kill()
+    c = Cluster(workers=1, store=path, dead_letters=0)
+    try:
+        c.register("block", tasks.block)
+        c.run()
+        assert c.dead_letters() == []
+        with pytest.raises(TaskNotFoundError):
+            c.info(task_id)
+        assert read_rows(path) == {}
+    finally:
+        c.stop(timeout=10)
 
 
 def test_eight_threads_submitting_while_workers_finish_lose_nothing(
@@ -1525,6 +1575,7 @@ def test_eight_threads_submitting_while_workers_finish_lose_nothing(
     assert set(ends.values()) == {1}
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     rows = task_rows(path)
+    assert len(rows) == 8 * 50  # the cached ones (every third of each thread's)
     assert all(state == "succeeded" for _, state, _ in rows.values())
 
 
