@@ -15,13 +15,13 @@ from ._backoff import RetryMode
 from ._policy import make_rule
 from ._task import (
     DEFAULT_OPTIONS,
-    TERMINAL,
     CompleteCallback,
     FailureCallback,
     Options,
     Result,
     Series,
     Task,
+    ended,
 )
 from ._validate import Duration, function, integer, seconds
 from ._validate import retries as retry_count
@@ -287,8 +287,8 @@ class TaskHandle(Generic[T]):
         return self._task.id  # type: ignore[return-value]
 
     def done(self) -> bool:
-        """True once the task is terminal."""
-        return self._task.state in TERMINAL
+        """True once the task is terminal (a durable task: and that is committed)."""
+        return ended(self._task)
 
     def wait(self, timeout: Duration | None = None) -> Result[T] | None:
         """The Result once terminal, or None if ``timeout`` seconds pass first."""

@@ -272,6 +272,10 @@ class Cluster:
             opts.durable = Durable(name, args, kwargs)
         return builder
 
+    @overload
+    def register(self, name: str) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
+    @overload
+    def register(self, name: str, fn: Callable[P, T]) -> Callable[P, T]: ...
     def register(self, name: str, fn: Callable[P, T] | None = None) -> Any:
         """Register ``fn`` as the task type ``name``: ``c.add_task(name, ...)`` then runs it,
         and on a cluster with a store such tasks are durable (they survive restarts).
@@ -300,6 +304,7 @@ class Cluster:
         rt = self._rt
         items = list(builders)
         tasks: list[Task] = []
+        seen: set[int] = set()
         for i, builder in enumerate(items):
             if not isinstance(builder, TaskBuilder):
                 kind = type(builder).__name__
@@ -309,8 +314,9 @@ class Cluster:
             task = builder._task
             if task is None:
                 raise RuntimeError(f"builders[{i}] was already submitted")
-            if task in tasks:
+            if id(task) in seen:
                 raise ValueError(f"builders[{i}] is given twice")
+            seen.add(id(task))
             tasks.append(task)
         for builder in items:
             builder._prepare_submit()

@@ -311,6 +311,8 @@ class Scheduler:
         # the store while it holds the lock (so rows reach it in transition order) and
         # waits for the commit after releasing it, before it delivers or runs anything.
         self.journal: list[Row | str] = []
+        #: Durable tasks that ended in this critical section (see ``Durable.recorded``).
+        self.settling: list[Task] = []
         #: Makes a durable task's row (injected by the cluster when it has a store).
         self.encode: Callable[[Task, str | None], Row] | None = None
         #: Ids reserved by a durable submit that is being committed (see ``reserve``).
@@ -445,11 +447,13 @@ class Scheduler:
         if encode is not None:
             self.journal.append(encode(task, state))
 
-    def _forget_row(self, task: Task) -> None:
-        """The store forgets ``task`` (unless it still keeps it as a dead letter)."""
+    def _forget_row(self, task: Task, keep: bool = False) -> None:
+        """The store forgets ``task`` (``keep``: it keeps its row), unless it keeps it
+        as a dead letter (a row of its own)."""
         if self.encode is None:
             return
-        self.journal.append(task.id)  # type: ignore[arg-type]
+        if not keep:
+            self.journal.append(task.id)  # type: ignore[arg-type]
         record = self.dead.get(task.id)  # type: ignore[arg-type]
         if record is not None and record.seq == task.seq:
             self.journal.append(self.encode(task, "dead"))  # under its own row id
@@ -1022,11 +1026,20 @@ class Scheduler:
         if opts is not DEFAULT_OPTIONS:
             if opts.holds:
                 self._release_key(task)
-            if opts.durable is not None:
-                if opts.ttl is None:
-                    self._forget_row(task)
+            spec = opts.durable
+            if spec is not None:
+                if self.encode is None or error == "shutdown":
+                    # Nothing to record (a forked child), or a shutdown cancelled it:
+                    # its row stays as it was, and a restart carries it on (SPEC §14).
+                    spec.recorded = True
                 else:
-                    self._journal(task)  # cached: its Result survives a restart
+                    if opts.ttl is None:
+                        self._forget_row(task)
+                    else:
+                        self._journal(task)  # cached: its Result survives a restart
+                        if state is not SUCCEEDED and state is not CANCELLED:
+                            self._forget_row(task, True)  # its dead letter, if any, too
+                    self.settling.append(task)  # seen as done once that is committed
         ttl = opts.ttl
         if ttl is None:
             # Registered by submit; only this transition, or the purge of a task

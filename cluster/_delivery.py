@@ -24,7 +24,7 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
-from ._task import Result, Task
+from ._task import Result, Sink, Task
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -77,9 +77,10 @@ class SeriesSink:
         self.queue.put((result, True))
 
 
-def deliver_sinks(task: Task) -> None:
-    """Hand a terminal task's Result to each of its sinks (outside every lock)."""
-    sinks = task.sinks
+def deliver_sinks(task: Task, late: list[Sink] | None = None) -> None:
+    """Hand a terminal task's Result to each of its sinks (outside every lock), or
+    to the ``late`` ones (which came after it ended, see ``Runtime._late``)."""
+    sinks = task.sinks if late is None else late
     if sinks is None:
         return
     result = task.result()
@@ -91,7 +92,8 @@ def deliver_sinks(task: Task) -> None:
                 sink(result)  # type: ignore[operator]
             except BaseException:  # a future's done-callback, say: never stop delivery
                 log.exception("delivering the result of task %r raised", task.id)
-    task.sinks = None
+    if late is None:
+        task.sinks = None
 
 
 def run_callbacks(task: Task, result: Result[Any] | None = None) -> None:

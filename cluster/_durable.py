@@ -87,7 +87,7 @@ def _stored(message: str, type_name: str, text: str) -> StoredError:
 class Durable:
     """What a durable task carries (``Options.durable``): its type and JSON arguments."""
 
-    __slots__ = ("args", "interrupts", "kind", "kwargs", "static")
+    __slots__ = ("args", "interrupts", "kind", "kwargs", "recorded", "static")
 
     def __init__(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.kind = kind  #: the registered type's name
@@ -95,6 +95,13 @@ class Durable:
         self.kwargs = kwargs
         self.interrupts = 0  #: times it was running when its process ended
         self.static: dict[str, Any] | None = None  # the doc's fixed part, made once
+        #: Its end is committed (or never will be): until then the task is terminal in
+        #: memory only, and ``done()``, ``wait()`` and subscribers do not see it yet.
+        self.recorded = False
+
+    def again(self) -> Durable:
+        """The same call, as a new task (a resurrect)."""
+        return Durable(self.kind, self.args, self.kwargs)
 
 
 def check_json(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -233,7 +240,9 @@ def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
         if task.state is TaskState.SUCCEEDED:
             value = task.value
             doc["value"] = {"json": value} if _is_json(value) else {"unavailable": True}
-        elif task.state is not TaskState.CANCELLED:
+        elif task.state is TaskState.CANCELLED:
+            doc["cancelled"] = task._error  # the reason
+        else:
             doc["error"] = _error_doc(task.error)  # type: ignore[arg-type]
     row_id = task.id if state != "dead" else DEAD_PREFIX + task.id  # type: ignore[operator]
     return Row(row_id, task.seq, state, doc)  # type: ignore[arg-type]
@@ -360,14 +369,19 @@ def decode_doc(
         spec = opts.durable = Durable(kind, args, kwargs)  # type: ignore[arg-type]
         spec.interrupts = int(doc.get("interrupts", 0))
         task.opts = opts
-        lane = lanes.get(doc.get("executor", "threads"))
+        executor = doc.get("executor", "threads")
+        lane = lanes.get(executor)
+        if lane is None:
+            raise BadDoc(f"executor {executor!r} is not one of this cluster's")
         task.lane = lane
         if "finished" in doc:
             task.finished_at = _mono(clock, doc["finished"])
             if "value" in doc:
                 value = doc["value"]
                 task.value = value.get("json", UNAVAILABLE)
-            task._error = stored_error(doc.get("error"))
+            reason = doc.get("cancelled")
+            task._error = stored_error(doc.get("error")) if reason is None else str(reason)
+            spec.recorded = True  # read from the file: its end is durable
     except BadDoc:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:

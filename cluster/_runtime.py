@@ -26,6 +26,7 @@ import os
 import threading
 import traceback
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from queue import Empty, SimpleQueue
@@ -48,7 +49,15 @@ from ._delivery import (
     has_callbacks,
     run_callbacks,
 )
-from ._durable import MAX_INTERRUPTS, BadDoc, Durable, decode_doc, encode, expires_at
+from ._durable import (
+    MAX_INTERRUPTS,
+    BadDoc,
+    Durable,
+    StoredError,
+    decode_doc,
+    encode,
+    expires_at,
+)
 from ._errors import (
     ClusterError,
     ClusterStoppedError,
@@ -81,6 +90,7 @@ from ._task import (
     TaskContext,
     TaskInfo,
     TaskState,
+    ended,
 )
 
 __all__ = ["ASYNC", "RESERVED", "THREADS", "Leftovers", "Runtime", "current_runtime"]
@@ -120,11 +130,14 @@ _STORED: Any = object()
 class Leftovers:
     """See ``Runtime.leftovers_locked``."""
 
-    __slots__ = ("dead", "ticket")
+    __slots__ = ("dead", "settled", "ticket")
 
-    def __init__(self, dead: list[object] | None, ticket: Ticket | None) -> None:
+    def __init__(
+        self, dead: list[object] | None, ticket: Ticket | None, settled: list[Task] | None
+    ) -> None:
         self.dead = dead
         self.ticket = ticket
+        self.settled = settled  # durable tasks whose end ``ticket`` commits
 
 
 def current_runtime() -> Runtime | None:
@@ -163,12 +176,22 @@ class Runtime:
         #: The durable journal (SPEC §14), or None; its rows are handed over under the
         #: lock by ``leftovers_locked``, and waited for outside it.
         self.store: SQLiteStore | None = None
+        #: Results of durable runs, each [ticket of its commit, task, Result], in the
+        #: order the runs ended: a queue gets one once its commit is done (lock).
+        self._outbox: deque[list[Any]] = deque()
+        # Callers that wait for a durable end to be committed (_await_recorded_locked).
+        self._recorded = threading.Condition(self.lock)
+        self._record_waiters = 0
+        #: Sinks added to a durable task that ended but whose end is not committed.
+        self._late: dict[Task, list[Sink]] = {}
         self.registry: dict[str, Callable[..., Any]] = {}  #: registered task types
         #: Who hears of every attempt (``Cluster.observe``); replaced, never mutated, so
         #: that the threads that call them read it without the lock.
         self.observers: tuple[Observer, ...] = ()
         #: Stored rows that could not become tasks at recovery (kept in the file).
         self.unrecovered: list[BadRow] = []
+        #: Stored rows of types not registered yet, by type (see ``register``).
+        self._awaiting: dict[str, list[Row]] = {}
         # Admission control (SPEC §12): submit() waits on _room while max_pending tasks
         # have not started; room_waiters tells the paths that free room to notify.
         self.max_pending = max_pending
@@ -302,11 +325,17 @@ class Runtime:
         self.sched.encode = lambda task, state: encode(task, clock, state)
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:
-        """See ``Cluster.register``."""
+        """See ``Cluster.register``. Stored tasks of a type registered after the
+        cluster ran (and recovered the others) come back now."""
         with self.lock:
             if name in self.registry:
                 raise ValueError(f"task type {name!r} is already registered")
             self.registry[name] = fn
+            rows = self._awaiting.pop(name, None)
+        if rows:
+            ids = {row.id for row in rows}
+            self.unrecovered = [bad for bad in self.unrecovered if bad.id not in ids]
+            self._recover_rows(rows, [])
 
     def recover(self) -> None:
         """Bring the store's tasks back (once, at the first ``run()``): see SPEC §14.
@@ -316,28 +345,44 @@ class Runtime:
         TaskInterruptedError. Queued, delayed and retrying ones wait again with their
         priority, start time and submission order; cached Results within their TTL and
         dead letters come back. A row that cannot become a task is kept in the file,
-        set aside (``unrecovered``) and logged.
+        set aside (``unrecovered``) and logged; one of a type not registered yet comes
+        back when it is (its id stays taken meanwhile).
         """
         loaded = getattr(self, "_loaded", None)
         if loaded is None:
             return
         self._loaded = None
+        self._recover_rows(loaded.rows, list(loaded.bad))
+
+    def _recover_rows(self, rows: list[Row], bad: list[BadRow]) -> None:
         from ._store import BadRow
 
         sched = self.sched
         clock = self.clock
         lanes = {name: backend.lane for name, backend in self.backends.items()}
         now = clock.monotonic()
-        bad = list(loaded.bad)
         changes: list[Row | str] = []
         restored: list[Task] = []
         dead: list[DeadRecord] = []
+        waiting: list[Row] = []
         terminal = {s.value: s for s in TERMINAL}
-        for row in loaded.rows:
+        for row in rows:
+            kind = row.doc.get("type")
+            if isinstance(kind, str) and kind not in self.registry:
+                waiting.append(row)
+                reason = f"task type {kind!r} is not registered (it comes back when it is)"
+                bad.append(BadRow(row.id, row.seq, row.state, reason))
+                continue
             try:
                 if row.doc.get("executor") == ASYNC and ASYNC not in lanes:
                     lanes[ASYNC] = self._async_lane()
                 task = decode_doc(row, self.registry, clock, lanes)
+                backend: Backend = task.lane.backend  # type: ignore[union-attr,assignment]
+                if backend.prepares and row.state not in terminal and row.state != "dead":
+                    try:
+                        backend.prepare(task)  # pickled for a process, as at submit
+                    except Exception as exc:
+                        raise BadDoc(f"{type(exc).__name__}: {exc}") from None
             except BadDoc as exc:
                 bad.append(BadRow(row.id, row.seq, row.state, str(exc)))
                 continue
@@ -362,25 +407,31 @@ class Runtime:
             else:
                 task.state = TaskState.RETRYING if state == "retrying" else TaskState.PENDING
                 restored.append(task)
+        if changes:  # persist, then act: committed before any of them can run
+            self.store.write(  # type: ignore[union-attr]
+                puts=[c for c in changes if not isinstance(c, str)],
+                deletes=[c for c in changes if isinstance(c, str)],
+            )
         with self.lock:
+            for row in waiting:
+                self._awaiting.setdefault(row.doc["type"], []).append(row)
             for record in dead:
                 sched.restore_dead(record)
-            for row in loaded.rows:
-                if sched.reserved.get(row.id) is _STORED:
+            held = {row.id for row in waiting}
+            for row in rows:
+                if row.id not in held and sched.reserved.get(row.id) is _STORED:
                     del sched.reserved[row.id]
+            running = self.state == RUNNING
             for task in restored:
                 sched.restore(task, now)
                 if task.state not in TERMINAL:
                     self.unsettled += 1
                     sched.submitted += 1  # (accepted anew: the counters balance)
+                    if running:  # (a type registered late)
+                        task.lane.backend.queued_locked(task, task.state is TaskState.PENDING)  # type: ignore[union-attr]
             if sched.expiry_armed:
                 self.arm_expiry_locked()
-        if changes:
-            self.store.write(  # type: ignore[union-attr]
-                puts=[c for c in changes if not isinstance(c, str)],
-                deletes=[c for c in changes if isinstance(c, str)],
-            )
-        self.unrecovered = bad
+        self.unrecovered = self.unrecovered + bad
         for problem in bad:
             log.warning(
                 "stored task %r could not be recovered and was kept aside in the store: %s",
@@ -418,15 +469,42 @@ class Runtime:
             restored.append(task)
             changes.append(self.sched.encode(task, None))  # type: ignore[misc]
             return
+        series = opts.series
+        repeat = opts.repeat
+        if series is not None and repeat is not None and not repeat.stop_on_error:
+            # The run ends with this error and the series goes on (SPEC §11).
+            rearm = repeat.next_due(
+                series.first,
+                series.last_due,
+                now,
+                runs=series.run + 1,
+                now_wall=self.clock.to_date,
+                from_wall=self.clock.from_date,
+            )
+            if rearm is not None:
+                series.run += 1
+                series.last_due = rearm
+                opts.counts = None
+                task.attempts = 0
+                spec.interrupts = 0
+                task.start = rearm
+                task.state = TaskState.PENDING if rearm <= now else TaskState.DELAYED
+                restored.append(task)
+                changes.append(self.sched.encode(task, None))  # type: ignore[misc]
+                return
         task.state = TaskState.FAILED
         task._error = error
         task.finished_at = now
+        spec.recorded = True  # (in the file by the time anyone can look)
+        if opts.ttl is not None:
+            restored.append(task)  # cached, as any failure
+            changes.append(self.sched.encode(task, None))  # type: ignore[misc]
+        else:
+            changes.append(task.id)  # type: ignore[arg-type]
         if self.sched.dead_limit:
             record = DeadRecord(task, now, opts.name or spec.kind)
             dead.append(record)
             changes.append(self.sched.encode(task, "dead"))  # type: ignore[misc]
-        else:
-            changes.append(task.id)  # type: ignore[arg-type]
 
     def _start_locked(self) -> None:
         self.state = RUNNING
@@ -674,40 +752,56 @@ class Runtime:
                 backend: Backend = lane.backend  # type: ignore[assignment]
                 if backend.prepares:
                     backend.prepare(task)
-        sched = self.sched
         given = [task.id for task in tasks]  # None: generated by reserve (undone on failure)
 
         def undo() -> None:
             for task, tid in zip(tasks, given, strict=True):
-                sched.unreserve(task)
                 task.id = tid
-                task.state = TaskState.PENDING
 
         with self.lock:
             if self.state >= STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; submit() is refused")
             if self.max_pending is not None:
                 self._wait_for_room_locked(len(tasks))
-            now = self.monotonic()
-            try:
-                for task in tasks:
-                    sched.reserve(task, now)
-            except BaseException:
-                undo()
-                raise
+            left = self._reserve_locked(tasks, undo)
+        self._commit_then_queue(tasks, left, undo)
+
+    def _reserve_locked(self, tasks: list[Task], undo: Callable[[], None]) -> Leftovers | None:
+        """Phase one (see ``submit_many``): ids and order taken, durable rows enqueued."""
+        sched = self.sched
+        now = self.monotonic()
+        try:
             for task in tasks:
-                if task.opts.durable is not None and sched.encode is not None:
-                    if task.start is None:
-                        task.start = now
-                    if task.start > now:
-                        task.state = TaskState.DELAYED
-                    sched._journal(task)
-            left = self.leftovers_locked()
+                sched.reserve(task, now)
+        except BaseException:
+            self._unreserve_locked(tasks)
+            undo()
+            raise
+        for task in tasks:
+            if task.opts.durable is not None and sched.encode is not None:
+                if task.start is None:
+                    task.start = now
+                if task.start > now:
+                    task.state = TaskState.DELAYED
+                sched._journal(task)
+        return self.leftovers_locked()
+
+    def _unreserve_locked(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            self.sched.unreserve(task)
+            task.state = TaskState.PENDING
+
+    def _commit_then_queue(
+        self, tasks: list[Task], left: Leftovers | None, undo: Callable[[], None]
+    ) -> None:
+        """Phase two (see ``submit_many``): once committed, the tasks are queued."""
+        sched = self.sched
         try:
             if left is not None:
                 self.after_lock(left, raising=True)
         except BaseException:
             with self.lock:
+                self._unreserve_locked(tasks)
                 undo()
             raise
         with self.lock:
@@ -780,6 +874,9 @@ class Runtime:
                     task.sinks = [queue]
                 else:
                     sinks.append(queue)
+                return queue
+            if not ended(task):
+                self._add_sink_locked(task, queue)
                 return queue
             left = self.leftovers_locked()
         finally:
@@ -1045,7 +1142,12 @@ class Runtime:
         out = []
         for r in page:
             if r.text is None:  # formatted here, outside the lock (it runs __str__s)
-                r.text = "".join(traceback.format_exception(r.error))
+                error = r.error
+                r.text = (
+                    error.text  # read back after a restart: the original traceback
+                    if isinstance(error, StoredError) and error.text
+                    else "".join(traceback.format_exception(error))
+                )
             out.append(
                 DeadLetter(
                     id=r.id,
@@ -1085,7 +1187,7 @@ class Runtime:
                 record = sched.dead.get(tid)
                 if record is None:
                     raise TaskNotFoundError(f"no dead letter with id {tid!r}")
-                if tid in sched.tasks:
+                if tid in sched.tasks or tid in sched.reserved:
                     raise DuplicateTaskError(
                         f"task id {tid!r} is taken again (queued, running or cached); "
                         "its dead letter cannot be resurrected while it is"
@@ -1100,7 +1202,6 @@ class Runtime:
                         raise TaskNotFoundError(f"dead letter {record.id!r} is gone")
             now = self.monotonic()
             for record in records:
-                sched.take_dead(record.id)
                 task = Task(record.fn, record.args, record.kwargs)  # type: ignore[arg-type]
                 task.id = record.id
                 task.priority = record.priority
@@ -1109,6 +1210,8 @@ class Runtime:
                     record.opts.copy() if record.opts is not DEFAULT_OPTIONS else record.opts
                 )
                 opts = task.opts
+                if record.opts.durable is not None:
+                    opts.durable = record.opts.durable.again()  # durable again
                 task.start = now
                 if opts.repeat is not None:
                     first = opts.repeat.first_due(
@@ -1116,16 +1219,18 @@ class Runtime:
                     )
                     task.start = now if first is None else first
                     opts.series = Series(task.start)
-                ready = sched.submit(task, now)
-                self.unsettled += 1
-                if task.opts.durable is not None:
-                    sched._journal(task)
-                if self.state == RUNNING:
-                    task.lane.backend.queued_locked(task, ready)  # type: ignore[union-attr]
                 fresh.append(task)
-            left = self.leftovers_locked()
-        if left is not None:
-            self.after_lock(left)
+
+            def undo() -> None:  # the commit failed: the dead letters stay
+                for record in records:
+                    if sched.dead.get(record.id) is None:
+                        sched.restore_dead(record)
+
+            for record in records:
+                sched.take_dead(record.id)  # its row goes in the commit of the new one
+            left = self._reserve_locked(fresh, undo)  # (cannot fail: the ids are free)
+        # Persist, then queue: a crash before the commit leaves the dead letters.
+        self._commit_then_queue(fresh, left, undo)
         return fresh
 
     def clear_dead_letters(self, task_ids: tuple[str, ...]) -> int:
@@ -1166,9 +1271,11 @@ class Runtime:
     # ------------------------------------------------------------------ handle support
 
     def _wait(self, task: Task, timeout: float | None) -> Result[Any] | None:
-        if task.state not in TERMINAL:
+        if task.state not in TERMINAL or not ended(task):
             with self.lock:
                 if task.state in TERMINAL:
+                    if not self._await_recorded_locked(task, timeout):
+                        return None
                     return task.result()
                 # One shared event per task, so that polling wait(0.01) adds nothing.
                 for sink in task.sinks or ():
@@ -1194,7 +1301,7 @@ class Runtime:
                 pass
 
         with self.lock:
-            terminal = task.state in TERMINAL
+            terminal = ended(task)
             if not terminal:
                 self._add_sink_locked(task, settle)
         if terminal:
@@ -1205,16 +1312,40 @@ class Runtime:
     def _results(self, task: Task, timeout: float | None) -> Iterator[Result[Any]]:
         sink = SeriesSink()
         with self.lock:  # subscribed now, at the call: no run that ends later is missed
-            terminal = task.state in TERMINAL
+            terminal = ended(task)
             if not terminal:
                 self._add_sink_locked(task, sink)
         if terminal:
             return iter((task.result(),))
         return _series_results(task, sink, timeout)
 
-    @staticmethod
-    def _add_sink_locked(task: Task, sink: Sink) -> None:
-        if task.sinks is None:
+    def _await_recorded_locked(self, task: Task, timeout: float | None) -> bool:
+        """A terminal durable task whose end is not yet committed: wait until it is
+        (persist, then deliver: a Result is never seen before it is durable); False
+        if ``timeout`` passed first."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ended(task):
+            wait = MAX_WAIT
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+            self._record_waiters += 1
+            try:
+                self._recorded.wait(wait)
+            finally:
+                self._record_waiters -= 1
+        return True
+
+    def _add_sink_locked(self, task: Task, sink: Sink) -> None:
+        if task.state in TERMINAL:
+            # Ended, its end not yet committed (else the caller would not add one):
+            # served by the thread that sees the commit (after_lock), not by the
+            # one that ended the task (it may have looked at task.sinks already).
+            self._late.setdefault(task, []).append(sink)
+        elif task.sinks is None:
             task.sinks = [sink]
         else:
             task.sinks.append(sink)
@@ -1344,11 +1475,14 @@ class Runtime:
         Returns the Result if the task has callbacks to run with it, outside the lock."""
         result: Result[Any] = self.sched.run_result  # type: ignore[assignment]
         self.sched.run_result = None
-        for sink in task.sinks or ():
-            if type(sink) is SimpleQueue:
-                sink.put(result)
-            elif type(sink) is SeriesSink:
-                sink.queue.put((result, False))
+        if task.sinks is not None:
+            opts = task.opts
+            if opts.durable is not None and self.sched.encode is not None:
+                # Persist, then deliver: queued until the run's end is committed (its
+                # commit is enqueued by this critical section's leftovers_locked).
+                self._outbox.append([None, task, result])
+            else:
+                _put_run(task, result)
         return result if has_callbacks(task) else None
 
     def deliver_all(self, tasks: list[Task]) -> None:
@@ -1383,6 +1517,7 @@ class Runtime:
         if dead:
             sched.graveyard = []
         ticket = None
+        settled = None
         if journal:
             sched.journal = []
             store = self.store
@@ -1390,7 +1525,14 @@ class Runtime:
                 ticket = store.enqueue(journal)  # type: ignore[union-attr]
             except RuntimeError:  # closed (after a bounded stop, say): nothing to record
                 log.error("the store is closed; %d task changes were not recorded", len(journal))
-        return Leftovers(dead or None, ticket)
+            if sched.settling:
+                settled = sched.settling
+                sched.settling = []
+            if self._outbox:
+                for entry in self._outbox:
+                    if entry[0] is None:
+                        entry[0] = ticket or _DONE  # the run ends this commit holds
+        return Leftovers(dead or None, ticket, settled)
 
     def after_lock(self, left: Leftovers, *, raising: bool = False) -> None:
         """Outside the lock: wait until the store has the transitions (persist, then
@@ -1404,9 +1546,36 @@ class Runtime:
                     if raising:
                         raise
                     log.exception("the store could not record a task's progress")
+            if left.settled is not None or self._outbox:
+                late = None
+                with self.lock:  # (under it: see _wait, _add_sink_locked)
+                    if left.settled is not None:
+                        _recorded(left.settled)
+                        if self._record_waiters:
+                            self._recorded.notify_all()
+                        if self._late:
+                            late = [
+                                (task, self._late.pop(task))
+                                for task in left.settled
+                                if task in self._late
+                            ]
+                    self._flush_outbox_locked()
+                for task, sinks in late or ():
+                    deliver_sinks(task, sinks)
         finally:
             if left.dead:
                 self.bury(left.dead)
+
+    def _flush_outbox_locked(self) -> None:
+        """Hand the Results of durable runs whose ends are committed to their queues,
+        in the order the runs ended (see ``deliver_run_locked``)."""
+        outbox = self._outbox
+        while outbox:
+            ticket, task, result = outbox[0]
+            if ticket is None or not (ticket is _DONE or SQLiteStore.settled(ticket)):
+                return  # not yet committed: the thread that waits for it flushes it
+            outbox.popleft()
+            _put_run(task, result)
 
     def bury(self, dead: list[object]) -> None:
         """Free what the scheduler dropped under the lock (the lock is not held here)."""
@@ -1454,6 +1623,8 @@ class Runtime:
         whose inherited unfinished tasks read as cancelled (they can never finish here)."""
         self.lock = threading.Lock()
         self._settled = threading.Condition(self.lock)
+        self._recorded = threading.Condition(self.lock)
+        self._record_waiters = 0
         self.state = TERMINATED
         self.unsettled = 0  # the parent delivers these; the child never will
         self.runners.reset_in_child(self.lock)
@@ -1478,6 +1649,24 @@ class Runtime:
             lane.queued = lane.delayed = lane.running = 0
         sched.abandoned.clear()
         sched.graveyard = []
+
+
+def _put_run(task: Task, result: Result[Any]) -> None:
+    """A run's Result into the task's queues (no user code runs)."""
+    for sink in task.sinks or ():
+        if type(sink) is SimpleQueue:
+            sink.put(result)
+        elif type(sink) is SeriesSink:
+            sink.queue.put((result, False))
+
+
+def _recorded(tasks: list[Task]) -> None:
+    for task in tasks:
+        task.opts.durable.recorded = True  # type: ignore[union-attr]
+
+
+#: An outbox entry's ticket when nothing needed committing (the store was closed).
+_DONE: Any = object()
 
 
 def _series_results(task: Task, sink: SeriesSink, timeout: float | None) -> Iterator[Result[Any]]:

@@ -269,7 +269,7 @@ class _Batch:
     overwrite earlier ones, which is the order SQLite would have applied them in.
     """
 
-    __slots__ = ("error", "meta", "rows", "threads", "waiters")
+    __slots__ = ("done", "error", "meta", "rows", "threads", "waiters")
 
     def __init__(self) -> None:
         self.rows: dict[str, _Put | Row | None] = {}  # Row: from enqueue, not yet encoded
@@ -279,9 +279,11 @@ class _Batch:
         # failed): cheaper than an Event, which wraps the same in Python code.
         self.waiters: list[_thread.LockType] = []
         self.error: BaseException | None = None
+        self.done = False  # set once committed (or failed), before the callers wake
 
     def release(self) -> None:
         """Wake every caller of the batch (its commit is done, or ``error`` is set)."""
+        self.done = True
         for waiter in self.waiters:
             waiter.release()
 
@@ -636,6 +638,11 @@ class SQLiteStore:
                 f"store {self._name}: commit failed, nothing of it was written: {batch.error}",
                 path=self._name,
             ) from batch.error
+
+    @staticmethod
+    def settled(ticket: Ticket) -> bool:
+        """Is the commit of ``ticket`` over (durable, or failed)? Never blocks."""
+        return ticket.batch.done
 
     def _run(self) -> None:
         """The writer thread: commit the batches callers leave to it, until closed and drained.

@@ -289,6 +289,15 @@ DEFAULT_OPTIONS = Options()
 _NO_KWARGS: dict[str, Any] = {}  # shared, never mutated
 
 
+def ended(task: Task) -> bool:
+    """May the task's end be seen (``done()``, ``wait()``, a new subscriber)? Once it
+    is terminal, and for a durable task once that is committed (persist, then deliver)."""
+    if task.state not in TERMINAL:
+        return False
+    opts = task.opts
+    return opts is DEFAULT_OPTIONS or opts.durable is None or opts.durable.recorded
+
+
 # Guards what is created lazily, by whichever thread first needs it: a
 # TaskContext's event (against a concurrent signal) and a cancelled task's error.
 # Always taken last (after a cluster lock, never before one).

@@ -6,7 +6,7 @@ process then opens the same file with its own ``Cluster(store=...)``. What a sto
 is read with a separate read-only ``sqlite3`` connection. The store layer itself is
 tested in ``tests/test_store.py``.
 
-Bugs found are kept as ``xfail(strict=True, reason="BUG: ...")``.
+Bugs it found were kept as ``xfail(strict=True)`` until fixed; none is left.
 """
 
 from __future__ import annotations
@@ -433,12 +433,6 @@ def test_a_running_task_without_retries_left_fails_with_task_interrupted_error(
     assert ran == []  # never run again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: recovery writes the dead letter of a task interrupted without budget but "
-    "leaves its 'running' row: every later restart interrupts it again and brings the "
-    "dead letter back, even after clear_dead_letters()",
-)
 def test_an_interrupted_task_that_became_a_dead_letter_stays_cleared(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
@@ -585,10 +579,6 @@ def test_a_timed_out_task_comes_back_timed_out(
     assert error.type_name.endswith("TaskTimeoutError")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a cached cancelled durable task comes back with error None (ok=True)",
-)
 def test_a_cached_cancelled_task_comes_back_cancelled(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
@@ -845,11 +835,6 @@ def test_dead_letters_survive_a_restart_and_can_be_resurrected(
     assert c.dead_letters() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DeadLetter.error_text after a restart is the StoredError's own one-line "
-    "text, not the original traceback (which is in error.text)",
-)
 def test_a_dead_letters_error_text_is_the_original_traceback_after_a_restart(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
@@ -864,11 +849,6 @@ def test_a_dead_letters_error_text_is_the_original_traceback_after_a_restart(
     assert "raise ValueError(message)" in dead.error_text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resurrect() of a durable dead letter deletes its row and the new task "
-    "is held in memory only (Options.copy drops .durable): a crash then loses it",
-)
 def test_a_resurrected_durable_task_is_durable(
     clusters: OpenCluster, tmp_path: Path, new_event: Callable[[], threading.Event]
 ) -> None:
@@ -891,11 +871,6 @@ def test_a_resurrected_durable_task_is_durable(
     assert again.id in task_rows(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failed durable task with a TTL is stored only as a cached 'failed' row "
-    "(its dead-letter row is written at its purge): after a restart it is no dead letter",
-)
 def test_a_cached_failed_task_is_still_a_dead_letter_after_a_restart(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
@@ -1116,12 +1091,6 @@ def test_a_result_is_not_delivered_while_its_commit_is_held(
     assert get(q).value == "done"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: handle.wait()/result()/done() and info() show a durable task's terminal "
-    "Result as soon as its state changes in memory, before its commit (persist, then "
-    "deliver holds for subscriber queues and callbacks only)",
-)
 def test_a_handle_does_not_return_a_result_while_its_commit_is_held(
     clusters: OpenCluster, tmp_path: Path, new_event: Callable[[], threading.Event]
 ) -> None:
@@ -1146,11 +1115,6 @@ def test_a_handle_does_not_return_a_result_while_its_commit_is_held(
     assert handle.result(WAIT) == "done"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the Result of a run of a durable repeating task reaches its subscribers "
-    "(deliver_run_locked, under the lock) before the run's end is committed",
-)
 def test_a_run_result_is_not_delivered_while_its_commit_is_held(
     clusters: OpenCluster, tmp_path: Path, new_event: Callable[[], threading.Event]
 ) -> None:
@@ -1591,11 +1555,6 @@ def test_a_durable_task_runs_on_a_process_executor(tmp_path: Path) -> None:
         assert task_rows(path)[h.id][2]["executor"] == "cpu"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a recovered durable task of a ProcessExecutor is never pickled "
-    "(prepare() is skipped at recovery): it fails with AttributeError 'payload'",
-)
 def test_a_durable_process_task_runs_after_a_restart(children: Spawn, tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     child = serve(children, path, 1, "cpu")
@@ -1608,11 +1567,6 @@ def test_a_durable_process_task_runs_after_a_restart(children: Spawn, tmp_path: 
         assert result.value != os.getpid()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a stored task of an executor the reopened cluster lacks breaks run() "
-    "with AttributeError (lane None) instead of being kept aside in unrecovered",
-)
 def test_a_stored_task_of_an_unknown_executor_is_kept_aside(
     children: Spawn, tmp_path: Path
 ) -> None:
@@ -1645,15 +1599,9 @@ def test_an_async_durable_task_runs_and_survives_a_restart(
     assert get(c.subscribe(task_id)).value == "later"
 
 
-# ----------------------------------------------------------------------- known gaps (xfail)
+# ----------------------------------------------------------------------- found by this suite
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: at a normal interpreter exit the exit hook cancels every live task, and "
-    "a cancelled durable task's row is deleted: a delayed durable task is lost by a clean "
-    "exit although it survives kill -9",
-)
 def test_a_delayed_durable_task_survives_a_normal_exit(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
@@ -1667,12 +1615,6 @@ def test_a_delayed_durable_task_survives_a_normal_exit(
     assert task_id in task_rows(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG?: a repeating durable task interrupted mid-run with no retry left ends its "
-    "whole series as a dead letter; SPEC §11 says a run's final error is delivered and "
-    "the series goes on",
-)
 def test_an_interrupted_run_of_a_series_does_not_end_the_series(
     children: Spawn, clusters: OpenCluster, tmp_path: Path
 ) -> None:
