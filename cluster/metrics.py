@@ -40,10 +40,10 @@ from bisect import bisect_left
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from ._events import Observer
+from cluster import Observer
 
 if TYPE_CHECKING:
-    from ._cluster import Cluster
+    from cluster import Cluster
 
 __all__ = ["BUCKETS", "CONTENT_TYPE", "MAX_NAMES", "OTHER", "instrument", "prometheus_text"]
 
@@ -219,7 +219,7 @@ def instrument(c: Cluster) -> None:
 
 
 def _histograms(c: Cluster) -> _Histograms:
-    from ._cluster import Cluster
+    from cluster import Cluster
 
     if not isinstance(c, Cluster):
         raise TypeError(f"c must be a Cluster, got {type(c).__name__}")

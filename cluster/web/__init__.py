@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 from .._validate import integer
 
 if TYPE_CHECKING:
-    from .._cluster import Cluster
+    from cluster import Cluster
 
 __all__ = ["serve"]
 
@@ -82,7 +82,8 @@ def serve(
     ``host`` is not a loopback address. The server stops with the cluster. A stopped
     cluster: ClusterStoppedError. A port in use: OSError.
     """
-    from .._cluster import Cluster
+    from cluster import Cluster
+
     from ._server import serve as start
 
     if not isinstance(cluster, Cluster):

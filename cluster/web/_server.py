@@ -41,21 +41,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from .._errors import (
+from cluster import (
     ClusterStoppedError,
     DuplicateTaskError,
     QueueFullError,
     TaskNotFoundError,
+    TaskState,
 )
-from .._task import TaskState
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ..metrics import instrument, prometheus_text
+from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cluster.metrics import instrument, prometheus_text
+
 from ._encode import record_json
 from ._negotiate import choose
 from ._page import dashboard_html, dead_letters_html
 
 if TYPE_CHECKING:
-    from .._cluster import Cluster
+    from cluster import Cluster
 
 __all__ = ["DashboardServer", "is_loopback"]
 
