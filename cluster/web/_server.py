@@ -136,9 +136,14 @@ class Response:
         self.headers = headers
 
 
+_HTML_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def _json(obj: object, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    # ASCII, and <, >, & escaped too (they occur only inside strings): no byte of a
+    # response can be read as markup, even by a client that sniffs.
     body = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return Response(body.encode("ascii"), _JSON, status)
+    return Response(body.translate(_HTML_SAFE).encode("ascii"), _JSON, status)
 
 
 # ---------------------------------------------------------------------- query strings
@@ -502,7 +507,7 @@ def _tasks(handler: Handler, c: Cluster, query: str) -> Response:
     # Two calls: tasks may come and go between them; the total never contradicts the page.
     return _json(
         {
-            "total": max(total, offset + len(page)),
+            "total": max(total, offset + len(page)) if page else total,
             "limit": limit,
             "offset": offset,
             "tasks": [record_json(info) for info in page],
@@ -534,7 +539,9 @@ def _dead_letters(handler: Handler, c: Cluster, query: str) -> Response:
         raise HTTPError(HTTPStatus.BAD_REQUEST, f"format must be json or html, got {fmt!r}")
     if name is None:
         page = c.dead_letters(limit=limit, offset=offset)
-        total = max(c.stats().dead_letters, offset + len(page))
+        total = c.stats().dead_letters
+        if page:
+            total = max(total, offset + len(page))
     else:  # one call: the page and its total agree (dead letters are bounded in number)
         every = c.dead_letters(name=name, limit=max(1, c.stats().dead_letters) + MAX_LIMIT)
         total, page = len(every), every[offset : offset + limit]
