@@ -503,11 +503,15 @@ def _tasks(handler: Handler, c: Cluster, query: str) -> Response:
     offset = _int(q, "offset", 0, 1 << 62)
     name, tag, key = q.get("name"), q.get("tag"), q.get("key")
     page = c.tasks(state=states, name=name, tag=tag, key=key, limit=limit, offset=offset)
-    total = c.count_tasks(state=states, name=name, tag=tag, key=key)
-    # Two calls: tasks may come and go between them; the total never contradicts the page.
+    if len(page) < limit and (page or offset == 0):
+        total = offset + len(page)  # the page reached the end: no second scan for the total
+    else:
+        total = c.count_tasks(state=states, name=name, tag=tag, key=key)
+        if page:  # (tasks may come and go between the two calls)
+            total = max(total, offset + len(page))
     return _json(
         {
-            "total": max(total, offset + len(page)) if page else total,
+            "total": total,
             "limit": limit,
             "offset": offset,
             "tasks": [record_json(info) for info in page],
