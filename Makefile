@@ -9,6 +9,7 @@ demo:
 
 install-test:
 	$(PYTHON) -m pip install -q -e '.[test,all]'
+	bash .ci/install-chromium
 
 lint:
 	$(PYTHON) -m ruff check .

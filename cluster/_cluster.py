@@ -10,7 +10,9 @@ threads exit (as a dropped ``ThreadPoolExecutor``'s do).
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import datetime
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from ._backend import Backend
 from ._builder import TaskBuilder, TaskHandle
 from ._clock import Clock, SystemClock
-from ._errors import UnknownTaskTypeError
+from ._errors import ClusterStoppedError, UnknownTaskTypeError
 from ._events import Observer
 from ._runtime import RESERVED, Runtime
 from ._task import (
@@ -75,6 +77,8 @@ def _listing_args(
 
 
 __all__ = ["Cluster"]
+
+log = logging.getLogger("cluster")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -168,6 +172,9 @@ class Cluster:
         self.subscribe = rt.subscribe  # type: ignore[method-assign]
         finalizer = weakref.finalize(self, rt.collected)
         finalizer.atexit = False  # at exit the runtime's own hook cancels instead
+        # What on_stop() registered; None once stop() or cancel() has run them.
+        self._stop_lock = threading.Lock()
+        self._on_stop: list[Callable[[], object]] | None = []
 
     # ------------------------------------------------------------------ life cycle
 
@@ -203,11 +210,45 @@ class Cluster:
         cluster threads; with no timeout it starts the shutdown and returns.
         """
         limit = None if timeout is None else seconds(timeout, "timeout")
-        self._rt.stop(limit, cancel_pending)
+        try:
+            self._rt.stop(limit, cancel_pending)
+        finally:
+            self._stopped()
 
     def cancel(self) -> None:
         """Shut down at once: cancel every task, signal the running ones, do not wait."""
-        self._rt.cancel()
+        try:
+            self._rt.cancel()
+        finally:
+            self._stopped()
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the cluster has stopped: when ``stop()`` returns or
+        raises, or ``cancel()`` returns (on that caller's thread; newest first). For
+        extras that run beside the cluster, such as the dashboard server. An exception
+        in it is logged. After ``stop()``/``cancel()``: ClusterStoppedError."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        with self._stop_lock:
+            if self._on_stop is None:
+                raise ClusterStoppedError("the cluster is stopped")
+            self._on_stop.append(callback)
+
+    def _stopped(self) -> None:
+        with self._stop_lock:
+            callbacks, self._on_stop = self._on_stop, None
+        for callback in reversed(callbacks or ()):
+            try:
+                callback()
+            except Exception:
+                log.exception("on_stop callback %r raised", callback)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the dashboard (HTML, its JSON, ``/metrics``) on a daemon thread and
+        return its URL; it stops with the cluster (SPEC §17, ``cluster.web``)."""
+        from .web import serve
+
+        return serve(self, host, port)
 
     # ------------------------------------------------------------------ submission
 

@@ -62,8 +62,12 @@ LAYERS: dict[str, int] = {
     "_store": 4,
     "testing": 5,
     "cli": 5,
+    "metrics": 5,
+    "web": 5,
     "__main__": 5,
 }
+#: Sub-packages: each is one layer-5 part (its modules share its key).
+SUBPACKAGES = ("cli", "web")
 API = 6  # cluster/__init__.py: re-exports, may import anything
 
 #: What the pure layers (1 and 2) may not import.
@@ -76,8 +80,8 @@ def _modules() -> list[Path]:
 
 def _key(path: Path) -> str:
     rel = path.relative_to(PACKAGE)
-    if rel.parts[0] == "cli":
-        return "cli"
+    if rel.parts[0] in SUBPACKAGES:
+        return rel.parts[0]
     return rel.stem
 
 
@@ -126,9 +130,9 @@ def _target_key(source: Path, target: str) -> str | None:
         return None
     dots = len(target) - len(target.lstrip("."))
     name = target.lstrip(".")
-    in_cli = source.parent.name == "cli"
+    in_cli = source.parent.name in SUBPACKAGES
     if in_cli and dots == 1:
-        return "cli"
+        return source.parent.name
     if (in_cli and dots == 2) or (not in_cli and dots == 1):
         return name.split(".")[0] if name else "__init__"
     raise AssertionError(f"{source}: unexpected relative import {target}")
