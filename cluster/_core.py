@@ -206,6 +206,19 @@ class DeadRecord:
         self.evicted = False  #: dropped for room (logged when freed)
 
 
+def index_snapshot(snapshot: list[Task], since: int) -> Listing:
+    """The index of the snapshot's tasks after ``since`` (outside the lock: their seq,
+    name, tags and key are fixed; one that ends meanwhile is in the removal log)."""
+    fresh = []
+    for task in reversed(snapshot):
+        if task.seq <= since:
+            break
+        fresh.append(_task_entry(task))
+    part = Listing()
+    part.add_many(fresh)
+    return part
+
+
 def _task_entry(task: Task) -> Entry:
     opts = task.opts
     name = opts.name or fn_name(task.fn)
@@ -1120,6 +1133,30 @@ class Scheduler:
 
     # -- listing --------------------------------------------------------------------
 
+    def listing_snapshot(self, bulk: int) -> tuple[list[Task], int, int] | None:
+        """If more than ``bulk`` held tasks are not indexed yet: the tasks (all of them,
+        a copy, for ``index_snapshot`` to index outside the lock), the seq they are
+        indexed after, and the index's generation; the index now counts them as its
+        own (``building``: its other readers wait for ``install_listing``)."""
+        listing = self.listing
+        if listing.building or len(self.tasks) + len(self.dead) - len(listing) <= bulk:
+            return None
+        snapshot = list(self.tasks.values())
+        since = listing.upto
+        listing.upto = max(since, self._last_seq())  # removals from now on are logged
+        listing.building = True
+        return snapshot, since, listing.generation
+
+    def install_listing(self, part: Listing, since: int, generation: int) -> None:
+        """The index built from ``listing_snapshot`` joins the index (unless it was
+        reset meanwhile); the dead letters after ``since`` are indexed here."""
+        listing = self.listing
+        listing.building = False
+        if listing.generation != generation:
+            return  # reset meanwhile: the next read rebuilds it
+        listing.merge(part)
+        self._index_dead(since)
+
     def catch_up_listing(self) -> Listing:
         """Bring the listing index up to date (at a read; see ``_listing``)."""
         listing = self.listing
@@ -1141,17 +1178,26 @@ class Scheduler:
             if record is not None and record.seq == seq:  # it was cached, and is dead
                 listing.add(self._dead_entry(record))
         upto = listing.upto
+        fresh = []
         for task in reversed(tasks.values()):
             if task.seq <= upto:
                 break
-            listing.add(_task_entry(task))
-        for record in dead.values():  # (bounded: at most dead_limit)
-            if record.seq > upto or not upto:
+            fresh.append(_task_entry(task))
+        listing.add_many(fresh)
+        self._index_dead(upto)
+        listing.upto = max(upto, self._last_seq())
+        return listing
+
+    def _index_dead(self, since: int) -> None:
+        """Index the dead letters after ``since`` (all of them if 0) that are not a
+        cached task's (bounded: at most ``dead_limit``)."""
+        listing = self.listing
+        tasks = self.tasks
+        for record in self.dead.values():
+            if record.seq > since or not since:
                 held = tasks.get(record.id)
                 if (held is None or held.seq != record.seq) and listing.entry(record.seq) is None:
                     listing.add(self._dead_entry(record))
-        listing.upto = max(upto, self._last_seq())
-        return listing
 
     def _last_seq(self) -> int:
         """The newest seq handed out so far (without taking one)."""

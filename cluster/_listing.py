@@ -59,12 +59,17 @@ class Listing:
     def __init__(self) -> None:
         self.upto = 0  #: highest seq of a task indexed; the scheduler logs removals <= it
         self.removed: list[int] = []  #: seqs of indexed tasks that left the scheduler
+        #: A reader is indexing a snapshot outside the lock (``Runtime._index_in_bulk``):
+        #: ``upto`` already covers it, so the others wait, and the log is never reset.
+        self.building = False
+        self.generation = 0  #: bumped by ``reset`` (a bulk build of an older one is void)
         self._all: SortedList = SortedList()
         self._entries: dict[int, Entry] = {}
         self._by: dict[tuple[str, str], SortedList] = {}  # ("name"|"tag"|"key", value)
 
     def reset(self) -> None:
         """Forget everything (rebuilt on the next read)."""
+        self.generation += 1
         self.upto = 0
         self.removed = []
         self._all = SortedList()
@@ -74,7 +79,7 @@ class Listing:
     def note_removed(self, seq: int) -> None:
         """An indexed task left the scheduler (called under the lock, rarely)."""
         self.removed.append(seq)
-        if len(self.removed) > 64 and 2 * len(self.removed) > len(self._all):
+        if len(self.removed) > 64 and 2 * len(self.removed) > len(self._all) and not self.building:
             self.reset()  # cheaper to rebuild than to replay (and bounded memory)
 
     # -- maintenance ----------------------------------------------------------------
@@ -91,6 +96,51 @@ class Listing:
             if index is None:
                 index = self._by[field] = SortedList()
             index.add(entry.seq)
+
+    def add_many(self, entries: list[Entry]) -> None:
+        """Index many entries at once (a catch-up): one sort per index, not one
+        insertion per entry (the first listing of a million tasks)."""
+        if len(entries) < 64:
+            for entry in entries:
+                self.add(entry)
+            return
+        known = self._entries
+        fresh: list[Entry] = []
+        for entry in entries:
+            old = known.get(entry.seq)
+            if old is not None:
+                self._drop(old)
+            known[entry.seq] = entry
+            fresh.append(entry)
+        self._all.update([entry.seq for entry in fresh])
+        grouped: dict[tuple[str, str], list[int]] = {}
+        for entry in fresh:
+            seq = entry.seq
+            group = grouped.get(("name", entry.name))
+            if group is None:
+                group = grouped[("name", entry.name)] = []
+            group.append(seq)
+            for tag in entry.tags:
+                grouped.setdefault(("tag", tag), []).append(seq)
+            if entry.key is not None:
+                grouped.setdefault(("key", entry.key), []).append(seq)
+        by = self._by
+        for field, seqs in grouped.items():
+            index = by.get(field)
+            if index is None:
+                by[field] = SortedList(seqs)
+            else:
+                index.update(seqs)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def merge(self, part: Listing) -> None:
+        """Take in the entries of ``part`` (built outside the lock from a snapshot)."""
+        if not self._entries:
+            self._all, self._entries, self._by = part._all, part._entries, part._by
+        else:
+            self.add_many(list(part._entries.values()))
 
     def discard(self, seq: int) -> None:
         """Forget the entry of ``seq`` if it is indexed."""

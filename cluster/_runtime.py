@@ -39,7 +39,16 @@ if TYPE_CHECKING:
 from . import _task
 from ._backend import Backend, join_threads
 from ._clock import Clock
-from ._core import DONE, REQUEUED, RUN_ENDED, DeadRecord, Lane, Scheduler, plan
+from ._core import (
+    DONE,
+    REQUEUED,
+    RUN_ENDED,
+    DeadRecord,
+    Lane,
+    Scheduler,
+    index_snapshot,
+    plan,
+)
 from ._delivery import (
     Runners,
     SeriesSink,
@@ -113,6 +122,10 @@ IDLE_POLL_MAX = 0.005
 #: How long past a stop's deadline its join still waits for threads that are exiting.
 JOIN_GRACE = 0.25
 
+#: A listing finds more held tasks than this not indexed yet: they are indexed outside
+#: the lock (``_index_in_bulk``); fewer are indexed under it, at the read.
+LIST_BULK = 5_000
+
 # Life cycle (ordered: a state only ever moves forward).
 NEW, RUNNING, STOPPING, TERMINATED = range(4)
 
@@ -182,6 +195,7 @@ class Runtime:
         # Callers that wait for a durable end to be committed (_await_recorded_locked).
         self._recorded = threading.Condition(self.lock)
         self._record_waiters = 0
+        self._listed = threading.Condition(self.lock)  # a bulk index is installed
         #: Sinks added to a durable task that ended but whose end is not committed.
         self._late: dict[Task, list[Sink]] = {}
         self.registry: dict[str, Callable[..., Any]] = {}  #: registered task types
@@ -1057,7 +1071,10 @@ class Runtime:
         offset: int,
     ) -> tuple[int, list[TaskInfo]]:
         """(total, a page of TaskInfo), newest submission first (see ``Cluster.tasks``)."""
+        self._index_in_bulk()
         with self.lock:
+            while self.sched.listing.building:  # another reader indexes: it will not be long
+                self._listed.wait(MAX_WAIT)
             now = self.monotonic()
             if self.sched.next_expiry() is not None and self.sched.next_expiry() <= now:  # type: ignore[operator]
                 self.sched.purge(now)  # an expired cached result is not listed
@@ -1080,6 +1097,27 @@ class Runtime:
         if left is not None:
             self.after_lock(left)
         return total, page
+
+    def _index_in_bulk(self) -> None:
+        """The first listing of a big cluster: index its tasks outside the lock (a
+        million take seconds, and nothing could start or be submitted meanwhile)."""
+        with self.lock:
+            taken = self.sched.listing_snapshot(LIST_BULK)
+        if taken is None:
+            return
+        snapshot, since, generation = taken
+        part = None
+        try:
+            part = index_snapshot(snapshot, since)
+        finally:
+            del snapshot
+            with self.lock:
+                if part is None:  # (a MemoryError, say): start afresh at the next read
+                    self.sched.listing.reset()
+                    self.sched.listing.building = False
+                else:
+                    self.sched.install_listing(part, since, generation)
+                self._listed.notify_all()
 
     def _entry_info_locked(self, entry: Entry) -> TaskInfo:
         item = entry.item
@@ -1625,6 +1663,10 @@ class Runtime:
         self._settled = threading.Condition(self.lock)
         self._recorded = threading.Condition(self.lock)
         self._record_waiters = 0
+        self._listed = threading.Condition(self.lock)
+        if self.sched.listing.building:  # a reader of the parent's was building it
+            self.sched.listing.reset()
+            self.sched.listing.building = False
         self.state = TERMINATED
         self.unsettled = 0  # the parent delivers these; the child never will
         self.runners.reset_in_child(self.lock)

@@ -537,3 +537,45 @@ def test_tasks_rejects_bad_arguments_naming_them(
     if "limit" not in kwargs and "offset" not in kwargs:
         with pytest.raises(error, match=word):
             c.count_tasks(**kwargs)
+
+
+# ------------------------------------------------------- a first listing of a big cluster
+
+
+def test_a_first_listing_of_many_tasks_is_built_right(clusters: Clusters) -> None:
+    # More tasks than LIST_BULK are indexed outside the lock, from a snapshot.
+    c = clusters.make(2, dead_letters=100)
+    failed = [c.add_task(boom, i).with_tags("bad").submit() for i in range(40)]
+    for h in failed:
+        assert h.wait(WAIT) is not None
+    handles = []
+    for i in range(12_000):
+        b = c.add_task(plain, i).with_delay(3600).with_name(f"n{i % 7}").with_tags(f"t{i % 3}")
+        handles.append((b.with_key(f"k{i % 5}") if i % 2 else b).submit())
+    expected = [h.id for h in reversed(handles)] + [h.id for h in reversed(failed)]
+    assert c.count_tasks() == len(expected)
+    assert ids(c.tasks(limit=20_000)) == expected
+    assert ids(c.tasks(name="n3", limit=20_000)) == [
+        h.id for i, h in reversed(list(enumerate(handles))) if i % 7 == 3
+    ]
+    assert ids(c.tasks(tag="bad", limit=100)) == [h.id for h in reversed(failed)]
+    assert c.count_tasks(key="k1") == sum(1 for i in range(12_000) if i % 2 and i % 5 == 1)
+    assert all_pages(c, 997)[:2000] == expected[:2000]
+
+
+def test_a_first_listing_while_tasks_finish_is_right_once_they_did(clusters: Clusters) -> None:
+    # Tasks end (and leave) while the bulk index is built from its snapshot: their
+    # removals are logged meanwhile, and replayed once it is installed.
+    c = clusters.make(2, run=False)
+    handles = []
+    for i in range(20_000):
+        b = c.add_task(plain, i)
+        handles.append((b.with_cache(600) if i % 100 == 0 else b).submit())
+    c.run()
+    first = c.tasks(limit=50)  # built while the workers drain the queue
+    assert len(first) == 50
+    for h in handles:
+        assert h.wait(WAIT) is not None
+    kept = [h.id for i, h in enumerate(handles) if i % 100 == 0][::-1]
+    assert ids(c.tasks(limit=1000)) == kept
+    assert c.count_tasks() == len(kept)
