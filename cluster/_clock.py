@@ -60,6 +60,18 @@ class Clock:
             edge = datetime.max if mono > self._mono else datetime.min
             return edge.replace(tzinfo=UTC)
 
+    def to_epoch(self, mono: float) -> float:
+        """The wall-clock epoch seconds (``time.time()``'s scale) of monotonic ``mono``.
+
+        ``to_date(mono).timestamp()`` without the datetime: a float sum, so no
+        microsecond rounding and no range limit (the durable store's times use it).
+        """
+        return self._wall + (mono - self._mono)
+
+    def from_epoch(self, epoch: float) -> float:
+        """The monotonic time of wall-clock epoch seconds ``epoch`` (``to_epoch``'s inverse)."""
+        return self._mono + (epoch - self._wall)
+
     def from_date(self, when: datetime) -> float:
         """The monotonic time of ``when`` (aware, or naive meaning local time)."""
         try:

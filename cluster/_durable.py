@@ -21,7 +21,7 @@ import importlib
 import json
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ._backoff import ExponentialBackoff, FixedBackoff, LinearBackoff, RetryMode
@@ -29,8 +29,9 @@ from ._clock import Clock
 from ._durable_ids import DEAD_PREFIX
 from ._errors import ClusterError
 from ._policy import RetryCounts, RetryRule
-from ._store import Row
-from ._task import Options, Series, Task, TaskState
+from ._repeat import Repeat
+from ._store import Row, dumps
+from ._task import DEFAULT_OPTIONS, Options, Series, Task, TaskState
 from ._validate import UNLIMITED
 
 __all__ = [
@@ -87,7 +88,7 @@ def _stored(message: str, type_name: str, text: str) -> StoredError:
 class Durable:
     """What a durable task carries (``Options.durable``): its type and JSON arguments."""
 
-    __slots__ = ("args", "interrupts", "kind", "kwargs", "recorded", "static")
+    __slots__ = ("args", "interrupts", "kind", "kwargs", "prefix", "recorded", "static")
 
     def __init__(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.kind = kind  #: the registered type's name
@@ -95,6 +96,9 @@ class Durable:
         self.kwargs = kwargs
         self.interrupts = 0  #: times it was running when its process ended
         self.static: dict[str, Any] | None = None  # the doc's fixed part, made once
+        # ... and its JSON text without the closing brace (made with it; None: it is
+        # not JSON after all, and the store's own encoding of the doc reports it).
+        self.prefix: str | None = None
         #: Its end is committed (or never will be): until then the task is terminal in
         #: memory only, and ``done()``, ``wait()`` and subscribers do not see it yet.
         self.recorded = False
@@ -131,15 +135,19 @@ def _is_json(value: object) -> bool:
 
 
 def _wall(clock: Clock, mono: float | None) -> float | None:
+    """The stored form of monotonic time ``mono``: epoch seconds (JSON has no infinity:
+    ``None`` for "never", -1e18 for "always due")."""
     if mono is None or not math.isfinite(mono):
         return None if mono is None or mono > 0 else -1e18
-    return clock.to_date(mono).timestamp()
+    # Float arithmetic, not a datetime: it was a third of what encoding a row cost.
+    return clock.to_epoch(mono)
 
 
 def _mono(clock: Clock, wall: float | None) -> float | None:
+    """``_wall``'s inverse (``None`` stays ``None``)."""
     if wall is None:
         return None
-    return clock.from_date(datetime.fromtimestamp(wall, UTC))
+    return clock.from_epoch(wall)
 
 
 def _path(cls: type) -> str:
@@ -160,92 +168,190 @@ def _backoff_doc(strategy: Callable[[int], float] | None) -> dict[str, Any] | No
     return {"kind": "custom"}  # a callable: it does not survive a restart
 
 
-def _static(task: Task, clock: Clock) -> dict[str, Any]:
-    """The part of a task's doc that never changes after submit."""
-    opts = task.opts
-    spec: Durable = opts.durable  # type: ignore[assignment]
+def _opts_doc(opts: Options) -> dict[str, Any]:
+    """The doc of a task's options (``doc["opts"]``)."""
     repeat = opts.repeat
     return {
-        "v": FORMAT,
-        "type": spec.kind,
-        "args": list(spec.args),
-        "kwargs": spec.kwargs,
-        "submitted": _wall(clock, task.submitted_at),
-        "executor": task.lane.name if task.lane is not None else "threads",
-        "opts": {
-            "timeout": opts.timeout,
-            "retries": "unlimited" if opts.retries == UNLIMITED else opts.retries,
-            "backoff": _backoff_doc(opts.backoff),
-            "jitter": opts.jitter,
-            "mode": opts.retry_mode.value,
-            "rules": [
-                {
-                    "errors": [_path(e) for e in rule.errors],
-                    "retries": "unlimited" if rule.retries == UNLIMITED else rule.retries,
-                    "backoff": _backoff_doc(rule.backoff),
-                }
-                for rule in opts.rules
-            ],
-            "ttl": opts.ttl,
-            "name": opts.name,
-            "tags": list(opts.tags),
-            "key": opts.key,
-            "repeat": None
-            if repeat is None
-            else {
-                "every": repeat.every,
-                "cron": repeat.cron,
-                "count": repeat.count,
-                "until": None if repeat.until is None else repeat.until.isoformat(),
-                "stop_on_error": repeat.stop_on_error,
-            },
+        "timeout": opts.timeout,
+        "retries": "unlimited" if opts.retries == UNLIMITED else opts.retries,
+        "backoff": _backoff_doc(opts.backoff),
+        "jitter": opts.jitter,
+        "mode": opts.retry_mode.value,
+        "rules": [
+            {
+                "errors": [_path(e) for e in rule.errors],
+                "retries": "unlimited" if rule.retries == UNLIMITED else rule.retries,
+                "backoff": _backoff_doc(rule.backoff),
+            }
+            for rule in opts.rules
+        ],
+        "ttl": opts.ttl,
+        "name": opts.name,
+        "tags": list(opts.tags),
+        "key": opts.key,
+        "repeat": None
+        if repeat is None
+        else {
+            "every": repeat.every,
+            "cron": repeat.cron,
+            "count": repeat.count,
+            "until": None if repeat.until is None else repeat.until.isoformat(),
+            "stop_on_error": repeat.stop_on_error,
         },
     }
 
 
+#: The fixed part of a doc that tasks of one type, executor and options share: (the
+#: options' doc, the JSON text before ``args``, the text after ``submitted``), by a key
+#: of those values. Tasks are mostly submitted in many copies of a few builders, so
+#: each such part is built and encoded once instead of once per task.
+_SHARED: dict[tuple[object, ...], tuple[dict[str, Any], str, str]] = {}
+_MAX_SHARED = 1024  # past that, new parts are built and not kept
+
+
+def _shared(kind: str, executor: str, opts: Options) -> tuple[dict[str, Any], str, str]:
+    """See ``_SHARED``. A repeating task's part is not kept (each series is its own)."""
+    timeout, jitter, ttl = opts.timeout, opts.jitter, opts.ttl
+    key = None
+    if opts.repeat is None:
+        # The numbers' types too: 1 == 1.0 as keys, and their JSON differs. The
+        # strategies are compared by identity (they define no ``__eq__``).
+        key = (kind, executor, opts.retries, opts.backoff, opts.retry_mode, opts.rules,
+               opts.name, opts.tags, opts.key, timeout, type(timeout), jitter, type(jitter),
+               ttl, type(ttl))  # fmt: skip
+        try:
+            part = _SHARED.get(key)
+        except TypeError:  # an unhashable custom backoff, say
+            key = part = None
+        if part is not None:
+            return part
+    opts_doc = _opts_doc(opts)
+    before = f'{{"v":{FORMAT},"type":{dumps(kind)},"args":'
+    after = f',"executor":{dumps(executor)},"opts":{dumps(opts_doc)}'
+    part = (opts_doc, before, after)
+    if key is not None and len(_SHARED) < _MAX_SHARED:
+        _SHARED[key] = part
+    return part
+
+
+def _static(task: Task, clock: Clock) -> tuple[dict[str, Any], str | None]:
+    """The part of a task's doc that never changes after submit, and its JSON text
+    without the closing brace (``None`` if it is not JSON: the store reports it)."""
+    opts = task.opts
+    spec: Durable = opts.durable  # type: ignore[assignment]
+    executor = task.lane.name if task.lane is not None else "threads"
+    submitted = _wall(clock, task.submitted_at)
+    args, kwargs = spec.args, spec.kwargs
+    try:
+        opts_doc, before, after = _shared(spec.kind, executor, opts)
+        prefix: str | None = (
+            f"{before}{dumps(args) if args else '[]'},"
+            f'"kwargs":{dumps(kwargs) if kwargs else "{}"},'
+            f'"submitted":{dumps(submitted)}{after}'
+        )
+    except (TypeError, ValueError, RecursionError):  # arguments changed since add_task
+        opts_doc, prefix = _opts_doc(opts), None
+    static = {
+        "v": FORMAT,
+        "type": spec.kind,
+        "args": list(args),
+        "kwargs": kwargs,
+        "submitted": submitted,
+        "executor": executor,
+        "opts": opts_doc,
+    }
+    return static, prefix
+
+
 def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
     """The row of durable ``task`` as it stands (called under the cluster lock); a
-    dead letter's row (state ``"dead"``) has its own row id."""
+    dead letter's row (state ``"dead"``) has its own row id.
+
+    The row carries its doc's JSON text (``Row.text``), made part by part: the fixed
+    part is encoded once per task (``Durable.prefix``), and only what changes is
+    encoded here. The text is the one the whole doc encodes to. (Encoding each doc
+    whole was most of a durable submit's Python work.)
+    """
     opts = task.opts
     spec: Durable = opts.durable  # type: ignore[assignment]
     static = spec.static
     if static is None:
-        static = spec.static = _static(task, clock)
-    doc = dict(static)
-    doc["priority"] = task.priority
-    doc["start"] = _wall(clock, task.start)
-    doc["attempts"] = task.attempts
-    doc["interrupts"] = spec.interrupts
+        static, spec.prefix = _static(task, clock)
+        spec.static = static
+    # The changing part, in the doc's key order (after the fixed part's keys).
+    priority, attempts, interrupts = task.priority, task.attempts, spec.interrupts
+    start = _wall(clock, task.start)
     counts = opts.counts
-    doc["counts"] = None if counts is None else {"rules": counts.rules, "default": counts.default}
+    dynamic: dict[str, Any] = {
+        "priority": priority,
+        "start": start,
+        "attempts": attempts,
+        "interrupts": interrupts,
+        "counts": None if counts is None else {"rules": counts.rules, "default": counts.default},
+    }
     series = opts.series
     if series is not None:
-        doc["series"] = {
+        dynamic["series"] = {
             "first": _wall(clock, series.first),
             "last_due": _wall(clock, series.last_due),
             "run": series.run,
         }
     if opts.last_error is not None:
-        doc["last_error"] = _error_doc(opts.last_error)
-    state = state or task.state.value
-    if task.state in (
-        TaskState.SUCCEEDED,
-        TaskState.FAILED,
-        TaskState.CANCELLED,
-        TaskState.TIMED_OUT,
-    ):
-        doc["finished"] = _wall(clock, task.finished_at)
+        dynamic["last_error"] = _error_doc(opts.last_error)
+    task_state = task.state
+    succeeded = task_state is TaskState.SUCCEEDED
+    value: str | None = None  # a result's JSON: encoding it is the check that it is JSON
+    if task_state in _ENDED:
+        dynamic["finished"] = _wall(clock, task.finished_at)
         if opts.ttl is not None and task.finished_at is not None:
-            doc["expires"] = _wall(clock, task.finished_at + opts.ttl)
-        if task.state is TaskState.SUCCEEDED:
-            value = task.value
-            doc["value"] = {"json": value} if _is_json(value) else {"unavailable": True}
-        elif task.state is TaskState.CANCELLED:
-            doc["cancelled"] = task._error  # the reason
+            dynamic["expires"] = _wall(clock, task.finished_at + opts.ttl)
+        if succeeded:
+            try:
+                value = dumps(task.value)
+            except (TypeError, ValueError, RecursionError):
+                value = None
+        elif task_state is TaskState.CANCELLED:
+            dynamic["cancelled"] = task._error  # the reason
         else:
-            doc["error"] = _error_doc(task.error)  # type: ignore[arg-type]
+            dynamic["error"] = _error_doc(task.error)  # type: ignore[arg-type]
+    text = None
+    prefix = spec.prefix
+    if prefix is None:
+        pass  # the store encodes the doc itself (and reports what is not JSON)
+    elif (
+        len(dynamic) == 5
+        and counts is None
+        and type(priority) is int
+        and type(attempts) is int
+        and type(interrupts) is int
+        and (start is None or type(start) is float)
+    ):
+        # The common row (queued, running), as the encoder writes it: the reprs of
+        # int and float are JSON's own.
+        when = "null" if start is None else float.__repr__(start)
+        text = (
+            f'{prefix},"priority":{priority},"start":{when},"attempts":{attempts},'
+            f'"interrupts":{interrupts},"counts":null}}'
+        )
+    else:
+        try:
+            tail = dumps(dynamic)
+        except (TypeError, ValueError, RecursionError):
+            tail = None
+        if tail is not None:
+            if succeeded:  # the last key, spliced in
+                end = '{"unavailable":true}' if value is None else f'{{"json":{value}}}'
+                tail = f'{tail[:-1]},"value":{end}}}'
+            text = f"{prefix},{tail[1:]}"
+    if succeeded:
+        dynamic["value"] = {"unavailable": True} if value is None else {"json": task.value}
+    state = state or task_state._value_
     row_id = task.id if state != "dead" else DEAD_PREFIX + task.id  # type: ignore[operator]
-    return Row(row_id, task.seq, state, doc)  # type: ignore[arg-type]
+    return Row(row_id, task.seq, state, {**static, **dynamic}, text)  # type: ignore[arg-type]
+
+
+#: The states a task ends in (a tuple: members are compared by identity, no hashing).
+_ENDED = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT)
 
 
 def _error_doc(error: BaseException) -> dict[str, str]:
@@ -268,17 +374,41 @@ class BadDoc(ValueError):
     """A row whose doc cannot become a task (kept aside with this reason)."""
 
 
+#: The strategies decoded so far, by their doc's values: they are immutable (see
+#: ``_backoff._Strategy``), so every recovered task with the same one shares it
+#: instead of building its own (most share the default ``FixedBackoff(0)``).
+_STRATEGIES: dict[tuple[object, ...], Callable[[int], float]] = {}
+_MAX_STRATEGIES = 256  # past that, new ones are built and not kept
+
+
 def _backoff_of(doc: dict[str, Any] | None) -> Callable[[int], float] | None:
     if doc is None:
         return None
     kind = doc.get("kind")
+    values: tuple[Any, ...]
     if kind == "fixed":
-        return FixedBackoff(doc["delay"])
-    if kind == "linear":
-        return LinearBackoff(doc["base"], doc["step"], max=doc["max"])
-    if kind == "exponential":
-        return ExponentialBackoff(doc["base"], doc["multiplier"], max=doc["max"])
-    return None  # custom: gone with its process
+        values = (doc["delay"],)
+    elif kind == "linear":
+        values = (doc["base"], doc["step"], doc["max"])
+    elif kind == "exponential":
+        values = (doc["base"], doc["multiplier"], doc["max"])
+    else:
+        return None  # custom: gone with its process
+    # Only floats (what encode writes) are looked up: 1 == 1.0 == True as keys, and a
+    # stored ``true`` must still be refused by the strategy's own checks.
+    plain = all(type(value) is float or value is None for value in values)
+    key = (kind, *values)
+    strategy = _STRATEGIES.get(key) if plain else None
+    if strategy is None:
+        if kind == "fixed":
+            strategy = FixedBackoff(*values)
+        elif kind == "linear":
+            strategy = LinearBackoff(*values)  # (base, step, max)
+        else:
+            strategy = ExponentialBackoff(*values)  # (base, multiplier, max)
+        if plain and len(_STRATEGIES) < _MAX_STRATEGIES:
+            _STRATEGIES[key] = strategy
+    return strategy
 
 
 def _class_of(path: str) -> type[BaseException]:
@@ -306,12 +436,14 @@ def stored_error(doc: dict[str, Any] | None) -> StoredError | None:
     )
 
 
+#: ``RetryMode(value)`` without the enum's call machinery (a dict lookup per row).
+_MODES = {mode.value: mode for mode in RetryMode}
+
+
 def decode_doc(
     row: Row, registry: dict[str, Callable[..., Any]], clock: Clock, lanes: dict[str, Any]
 ) -> Task:
     """A task from its row (state, times and series restored); BadDoc if it cannot be."""
-    from ._repeat import Repeat
-
     doc = row.doc
     task_id = row.id[len(DEAD_PREFIX) :] if row.id.startswith(DEAD_PREFIX) else row.id
     if doc.get("v") != FORMAT:
@@ -320,6 +452,7 @@ def decode_doc(
     fn = registry.get(kind)  # type: ignore[arg-type]
     if fn is None:
         raise BadDoc(f"task type {kind!r} is not registered")
+    from_epoch = clock.from_epoch
     try:
         args = tuple(doc["args"])
         kwargs = dict(doc["kwargs"])
@@ -328,21 +461,30 @@ def decode_doc(
         task.id = task_id
         task.seq = row.seq
         task.priority = int(doc["priority"])
-        task.submitted_at = _mono(clock, doc["submitted"])  # type: ignore[assignment]
+        submitted = doc["submitted"]
+        task.submitted_at = None if submitted is None else from_epoch(submitted)  # type: ignore[assignment]
         start = doc["start"]
-        task.start = math.inf if start is None else _mono(clock, start)
+        task.start = math.inf if start is None else from_epoch(start)
         task.attempts = int(doc["attempts"])
-        opts = Options()
+        # A copy of the defaults (slots set one by one, as a builder's copy is), then
+        # the stored options over them.
+        opts = DEFAULT_OPTIONS.copy()
         opts.timeout = o["timeout"]
         opts.retries = _count(o["retries"])
-        opts.backoff = _backoff_of(o["backoff"]) or FixedBackoff(0)
+        backoff = _backoff_of(o["backoff"])
+        if backoff is not None:
+            opts.backoff = backoff
         opts.jitter = float(o["jitter"])
-        opts.retry_mode = RetryMode(o["mode"])
-        rules = []
-        for rule in o["rules"]:
-            errors = tuple(_class_of(path) for path in rule["errors"])
-            rules.append(RetryRule(errors, _count(rule["retries"]), _backoff_of(rule["backoff"])))
-        opts.rules = tuple(rules)
+        mode = o["mode"]
+        opts.retry_mode = _MODES.get(mode) or RetryMode(mode)
+        opts.rules = tuple(
+            RetryRule(
+                tuple(_class_of(path) for path in rule["errors"]),
+                _count(rule["retries"]),
+                _backoff_of(rule["backoff"]),
+            )
+            for rule in o["rules"]
+        )
         opts.ttl = o["ttl"]
         opts.name = o["name"]
         opts.tags = tuple(o["tags"])
@@ -359,13 +501,15 @@ def decode_doc(
             )
             s = doc.get("series") or {}
             first = _mono(clock, s.get("first")) or task.start
-            series = opts.series = Series(first)  # type: ignore[arg-type]
-            series.last_due = _mono(clock, s.get("last_due")) or first  # type: ignore[assignment]
+            series = opts.series = Series(first)
+            series.last_due = _mono(clock, s.get("last_due")) or first
             series.run = int(s.get("run", 0))
         counts = doc.get("counts")
         if counts is not None:
             opts.counts = RetryCounts(list(counts["rules"]), int(counts["default"]))
-        opts.last_error = stored_error(doc.get("last_error"))
+        last_error = doc.get("last_error")
+        if last_error is not None:
+            opts.last_error = stored_error(last_error)
         spec = opts.durable = Durable(kind, args, kwargs)  # type: ignore[arg-type]
         spec.interrupts = int(doc.get("interrupts", 0))
         task.opts = opts
