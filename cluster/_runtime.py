@@ -621,10 +621,12 @@ class Runtime:
             left = self.leftovers_locked()
         finally:
             lock.release()
-        for thread in fresh:
-            thread.start()
-        if left is not None:
-            self.after_lock(left)
+        try:
+            for thread in fresh:
+                thread.start()
+        finally:  # (a thread that cannot start: the commit is still waited for)
+            if left is not None:
+                self.after_lock(left)
         self.deliver_all(done)
         return len(done)
 

@@ -112,8 +112,10 @@ class Service:
                     self._target = target
                     wait = None if target == math.inf else timeout_of(max(0.0, target - now))
                     self._wake.wait(MAX_WAIT if wait is None else min(wait, MAX_WAIT))
-            for thread in fresh:
-                thread.start()
-            if left is not None:
-                rt.after_lock(left)
+            try:
+                for thread in fresh:
+                    thread.start()
+            finally:  # (a thread that cannot start: the commit is still waited for)
+                if left is not None:
+                    rt.after_lock(left)
             del left, fresh

@@ -641,6 +641,10 @@ class SQLiteStore:
         caller that enqueues under its lock gets its changes applied in its lock order.
         ``wait(ticket)`` returns once the commit holding them is durable.
 
+        The caller is to ``wait(ticket)``: when only one thread writes of late, the
+        writer thread is not woken here, and that ``wait`` commits the changes in the
+        caller's thread (until then they go with any other commit, or at ``close()``).
+
         The rows must be well formed (``write`` checks them; this does not): the
         cluster builds them itself.
         """
@@ -661,10 +665,13 @@ class SQLiteStore:
                 else:
                     rows[change.id] = change
             batch.waiters.append(waiter)
-            if not self._committing or (
-                self._gathering and len(batch.threads) >= self._gather_target
-            ):
-                self._cond.notify_all()
+            if self._committing:
+                if self._gathering and len(batch.threads) >= self._gather_target:
+                    self._cond.notify_all()  # the writer thread: a full batch
+            elif self._peak > 1:
+                self._cond.notify_all()  # the writer thread commits for several threads
+            # Else our wait() commits in this thread: waking the writer thread too would
+            # cost a thread switch, and could take the commit from under us.
         return Ticket(batch, waiter)
 
     def wait(self, ticket: Ticket) -> None:
@@ -772,11 +779,20 @@ class SQLiteStore:
                     self._cond.notify_all()  # the writer thread, and close()
 
     def _commit(self, batch: _Batch) -> None:
-        enqueued = [row for row in batch.rows.values() if type(row) is Row]
-        if enqueued:  # handed over by enqueue(): encoded here, by the committing thread
-            batch.rows.update(_encode_puts(enqueued))
-        puts: list[_Put] = [row for row in batch.rows.values() if type(row) is tuple]
-        deletes = [(id_,) for id_, row in batch.rows.items() if row is None]
+        puts: list[_Put] = []
+        deletes: list[tuple[str]] = []
+        plain: list[Row] = []  # handed over by enqueue() without text: encoded here
+        for id_, row in batch.rows.items():
+            if row is None:
+                deletes.append((id_,))
+            elif isinstance(row, tuple):
+                puts.append(row)
+            elif row.text is not None:
+                puts.append((row.id, row.seq, row.state, row.text))
+            else:
+                plain.append(row)
+        if plain:  # (by the committing thread)
+            puts.extend(_encode_puts(plain).values())
         meta_puts = [(key, text) for key, text in batch.meta.items() if text is not None]
         meta_deletes = [(key,) for key, text in batch.meta.items() if text is None]
         conn = self._conn

@@ -9,6 +9,9 @@ lines from several threads never interleave and nothing waits in a buffer:
   the process is killed. Before each ``write()`` a thread prints ``try T N ID...`` and
   after it returns ``ack T N ID...``: the write puts rows ``ID...`` and the thread's
   counter row ``counter-T`` with ``{"n": N}``, in one call.
+- ``enqueue PATH SEED THREADS``: as ``write``, with ``THREADS`` threads handing their
+  rows over by ``enqueue()`` then ``wait()`` (half of them with their text encoded),
+  printing ``ack`` once ``wait`` returns; no meta.
 - ``fork-exit PATH``: open the store, write ``r1``, fork. The child tries to write
   (prints ``child-refused``), closes the store, drops it, and exits through a normal
   interpreter shutdown. The parent then prints ``wal-kept`` and ``main-unchanged`` if the
@@ -26,7 +29,7 @@ import signal
 import sys
 import threading
 
-from cluster._store import Row, SQLiteStore
+from cluster._store import Row, SQLiteStore, dumps
 
 
 def say(line: str) -> None:
@@ -42,7 +45,7 @@ def hold(path: str) -> None:
     store.close()
 
 
-def write(path: str, seed: int) -> None:
+def write(path: str, seed: int, via: str = "write", count: int = 3) -> None:
     store = SQLiteStore(path)
     store.open()
     say("ready")
@@ -59,10 +62,15 @@ def write(path: str, seed: int) -> None:
             ]
             rows.append(Row(f"counter-{t}", 0, "counter", {"n": n}))
             say(f"try {t} {n} {' '.join(ids)}")
-            store.write(rows, meta={f"last-{t}": n})
+            if via == "write":
+                store.write(rows, meta={f"last-{t}": n})
+            else:
+                if n % 2:
+                    rows = [Row(r.id, r.seq, r.state, r.doc, dumps(r.doc)) for r in rows]
+                store.wait(store.enqueue(rows))
             say(f"ack {t} {n} {' '.join(ids)}")
 
-    threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(3)]
+    threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(count)]
     for thread in threads:
         thread.start()
     threading.Event().wait()  # until killed
@@ -102,6 +110,8 @@ if __name__ == "__main__":
         hold(target)
     elif mode == "write":
         write(target, int(sys.argv[3]))
+    elif mode == "enqueue":
+        write(target, int(sys.argv[3]), "enqueue", int(sys.argv[4]))
     elif mode == "fork-exit":
         fork_exit(target)
     else:

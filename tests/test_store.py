@@ -480,6 +480,155 @@ def test_close_commits_the_writes_in_flight_first(tmp_path: Path) -> None:
     assert reopen_ids(path) == {"first", "second"}
 
 
+class ThreadRecordingStore(SQLiteStore):
+    """Records the thread of each commit, and the number of callers in it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.committers: list[tuple[str, int]] = []
+
+    def _commit(self, batch: _store._Batch) -> None:
+        self.committers.append((threading.current_thread().name, len(batch.threads)))
+        super()._commit(batch)
+
+
+def test_a_lone_enqueue_is_committed_by_its_wait_in_the_callers_thread(tmp_path: Path) -> None:
+    store = ThreadRecordingStore(tmp_path / "t.db")
+    store.open()
+    try:
+        for n in range(20):
+            encoded = n % 2 == 0
+            doc = {"n": n}
+            put = Row(f"r{n}", n, "pending", doc, _store.dumps(doc) if encoded else None)
+            ticket = store.enqueue([put])
+            assert not SQLiteStore.settled(ticket)
+            store.wait(ticket)
+            assert SQLiteStore.settled(ticket)
+        me = threading.current_thread().name
+        assert store.committers == [(me, 1)] * 20
+        stored = [(r.id, r.doc) for r in store.load().rows]
+        assert stored == [(f"r{n}", {"n": n}) for n in range(20)]
+    finally:
+        store.close()
+
+
+def test_an_enqueue_nobody_waits_for_goes_with_the_next_commit(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open()
+    try:
+        ticket = store.enqueue([row("handed"), "nothing-to-delete"])
+        thread, errors = start(lambda: store.write([row("written")]))
+        thread.join(WAIT)
+        assert errors == []
+        assert SQLiteStore.settled(ticket)
+        store.wait(ticket)  # committed already: returns at once
+        assert set(ids(store)) == {"handed", "written"}
+    finally:
+        store.close()
+
+
+def test_close_commits_an_enqueue_nobody_waits_for(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    store.open()
+    ticket = store.enqueue([row("handed")])
+    store.close()
+    assert SQLiteStore.settled(ticket)
+    store.wait(ticket)
+    assert reopen_ids(path) == {"handed"}
+
+
+def test_close_waits_for_a_commit_in_a_callers_wait(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    store.open()
+    ticket = store.enqueue([row("first")])
+    with held_commits(store):
+        waiter, waiter_errors = start(lambda: store.wait(ticket))
+        wait_for(lambda: store._committing)  # the caller's wait() commits, held here
+        second = store.enqueue([row("second")])  # into the next batch
+        closer, closer_errors = start(store.close)
+        wait_for(lambda: store._closing)
+        with pytest.raises(RuntimeError, match="is closed"):
+            store.enqueue([row("too-late")])
+    for thread in (waiter, closer):
+        thread.join(WAIT)
+    assert waiter_errors == closer_errors == []
+    assert SQLiteStore.settled(second)
+    assert reopen_ids(path) == {"first", "second"}
+
+
+def test_enqueues_from_several_threads_are_committed_by_the_writer(tmp_path: Path) -> None:
+    """Once commits hold callers of several threads, an enqueue wakes the writer thread:
+    its ticket is settled with nobody waiting."""
+    store = ThreadRecordingStore(tmp_path / "t.db")
+    store.open()
+    try:
+        first = store.enqueue([row("a")])
+        other, errors = start(lambda: store.wait(store.enqueue([row("b")])))
+        other.join(WAIT)  # (it may commit both, or wait for ours: nobody waits yet)
+        if not SQLiteStore.settled(first):
+            store.wait(first)
+        assert errors == []
+        if store.committers[-1][1] < 2:
+            pytest.skip("the two callers did not share a commit")
+        ticket = store.enqueue([row("c")])
+        wait_for(lambda: SQLiteStore.settled(ticket))
+        assert store.committers[-1][0].startswith("cluster-store-writer")
+        assert set(ids(store)) == {"a", "b", "c"}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_and_wait_from_threads_with_writes_and_a_close_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """Threads that enqueue then wait, alone for a while then all at once, with write()s
+    among them and a close() at the end: every change that was waited for is in the file,
+    every ticket is settled, and nothing is committed twice over another."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    store.open()
+    acked: list[str] = []
+    tickets: list[_store.Ticket] = []
+    lock = threading.Lock()
+    go = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        rng = random.Random(t)
+        if t:
+            go.wait()
+        for n in range(300):
+            id_ = f"{t}-{n}"
+            if t == 0 and n == 150:
+                go.wait()  # alone until here: every commit in its own wait()
+            if rng.random() < 0.2:
+                store.write([row(id_)])
+            else:
+                ticket = store.enqueue([row(id_), f"{t}-{n - 1}-gone"])
+                with lock:
+                    tickets.append(ticket)
+                if rng.random() < 0.9:
+                    store.wait(ticket)
+                else:
+                    continue  # not waited for: the next commit, or close(), takes it
+            with lock:
+                acked.append(id_)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 3)
+    store.close()
+    assert all(SQLiteStore.settled(ticket) for ticket in tickets)
+    assert all(ticket.batch.error is None for ticket in tickets)
+    stored = reopen_ids(path)
+    assert set(acked) <= stored
+    assert stored == {f"{t}-{n}" for t in range(4) for n in range(300)}
+
+
 def test_the_writer_is_a_daemon_thread_that_ends_at_close(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     store.open()
@@ -1174,10 +1323,19 @@ def kill_and_drain(proc: subprocess.Popen[str]) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("seed", range(30))
-def test_every_acknowledged_write_survives_a_sigkill(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "via"),
+    [(seed, "write") for seed in range(30)]
+    + [(seed, f"enqueue-{seed % 3 or 1}") for seed in range(30, 45)],
+)
+def test_every_acknowledged_write_survives_a_sigkill(tmp_path: Path, seed: int, via: str) -> None:
+    """``write()`` from three threads, or ``enqueue()`` then ``wait()`` from one or two
+    (one: every commit runs in the caller's ``wait``) until a random point."""
     path = tmp_path / "t.db"
-    proc = child("write", path, str(seed))
+    if via == "write":
+        proc = child("write", path, str(seed))
+    else:
+        proc = child("enqueue", path, str(seed), via.split("-")[1])
     lines: list[str] = []
     try:
         assert read_line(proc) == "ready"
@@ -1217,7 +1375,8 @@ def test_every_acknowledged_write_survives_a_sigkill(tmp_path: Path, seed: int) 
         started = max((n for (tt, n) in tried if tt == t), default=0)
         counter = rows[f"counter-{t}"].doc["n"] if done else 0
         assert done <= counter <= started
-        assert done <= meta.get(f"last-{t}", 0) <= started
+        if via == "write":
+            assert done <= meta.get(f"last-{t}", 0) <= started
 
 
 # ------------------------------------------------------------------------ exit and atexit
