@@ -60,7 +60,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1185,6 +1185,25 @@ def _encode_meta(meta: Mapping[str, Any] | None) -> dict[str, str | None]:
         except (ValueError, RecursionError) as exc:
             raise ValueError(f"meta[{key!r}] cannot be stored as JSON: {exc}") from None
     return out
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic collector off while a bulk of long-lived objects is made (as ``load()``
+    does), then those objects moved to its oldest generation (``_make_old``).
+
+    Recovering 100k tasks with it on ran three full collections over the growing heap:
+    1.7 s of a 2.9 s ``run()``. The objects made here hold no garbage cycles; the
+    program's own, if any, wait for the collector's next pass. As it was found after.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        _make_old()
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _make_old() -> None:

@@ -258,6 +258,42 @@ def test_load_leaves_the_collector_as_it_found_it(stores: OpenStore, tmp_path: P
         gc.enable()
 
 
+def test_recovery_pauses_the_collector_and_leaves_it_as_it_found_it(tmp_path: Path) -> None:
+    from cluster import Cluster
+
+    def noop() -> None:
+        pass
+
+    path = tmp_path / "t.db"
+    c = Cluster(workers=1, store=path)
+    c.register("noop", noop)
+    c.submit_all([c.add_task("noop").with_delay(3600) for _ in range(50)])
+    c.cancel()
+    c.stop(timeout=WAIT)
+    for enabled in (True, False):
+        seen: list[bool] = []
+        c = Cluster(workers=1, store=path)
+        c.register("noop", noop)
+        original = c._rt._recover_rows_unpaused
+
+        def spy(*args: Any, original: Any = original, seen: list[bool] = seen) -> None:
+            seen.append(gc.isenabled())
+            original(*args)
+
+        c._rt._recover_rows_unpaused = spy  # type: ignore[method-assign,assignment]
+        if not enabled:
+            gc.disable()
+        try:
+            c.run()
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+            c.cancel()
+            c.stop(timeout=WAIT)
+        assert seen == [False]
+        assert c.stats().cancelled == 50
+
+
 def test_load_does_not_thaw_objects_the_program_froze(stores: OpenStore, tmp_path: Path) -> None:
     store = stores(tmp_path / "t.db")
     store.write([row("a")])
