@@ -211,7 +211,7 @@ def test_register_as_a_decorator_returns_the_function(
 ) -> None:
     c = clusters(tmp_path / "t.db", types={})
 
-    @c.register("double")  # type: ignore[untyped-decorator]  # (register returns Any)
+    @c.register("double")
     def double(x: int) -> int:
         return 2 * x
 
@@ -233,11 +233,11 @@ def test_registering_what_is_not_callable_is_a_type_error(
 ) -> None:
     c = clusters(tmp_path / "t.db", types={})
     with pytest.raises(TypeError, match="fn"):
-        c.register("x", 42)  # type: ignore[arg-type]
+        c.register("x", 42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="fn"):
-        c.register("y")("not callable")
+        c.register("y")("not callable")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="name"):
-        c.register(7, tasks.add)  # type: ignore[arg-type]
+        c.register(7, tasks.add)  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="name"):
         c.register("", tasks.add)
     with pytest.raises(ValueError, match="'x'"):

@@ -31,6 +31,7 @@ from cluster import (
     TaskTimeoutError,
     current,
 )
+from cluster.testing import FakeClock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -395,8 +396,10 @@ def test_exit_and_cancel_give_up_on_a_lock_left_held() -> None:
 # -- 11. expired cached results are released on an idle cluster ---------------------------
 
 
-def test_an_expired_cached_result_is_released_without_any_call(make_cluster: MakeCluster) -> None:
-    c = make_cluster(1)
+def test_an_expired_cached_result_is_released_without_any_call() -> None:
+    clock = FakeClock()  # the TTL passes when the test says so, not under a busy machine
+    c = Cluster(workers=1, clock=clock)
+    c.run()
     ended = threading.Event()
 
     class Witness:
@@ -409,12 +412,18 @@ def test_an_expired_cached_result_is_released_without_any_call(make_cluster: Mak
         refs.append(weakref.ref(value))
         return value
 
-    h = c.add_task(succeeds).with_cache(ttl=0.2).on_complete(lambda *a: ended.set()).submit()
-    assert ended.wait(WAIT)
-    del h
-    gc.collect()
-    assert refs and refs[0]() is not None  # still cached
-    assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, 3.0)
+    try:
+        h = c.add_task(succeeds).with_cache(ttl=60).on_complete(lambda *a: ended.set()).submit()
+        assert ended.wait(WAIT)
+        del h
+        clock.advance(59)
+        c.wait_idle(WAIT)
+        gc.collect()
+        assert refs and refs[0]() is not None  # still cached
+        clock.advance(2)  # nothing else is called on the cluster: its service purges
+        assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, WAIT)
+    finally:
+        c.stop(timeout=WAIT)
 
 
 def test_a_failed_tasks_frame_locals_are_released_once_delivered(make_cluster: MakeCluster) -> None:
