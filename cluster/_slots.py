@@ -381,6 +381,9 @@ class SlotPool(Backend):
                 # Dropped objects to free, durable transitions to wait for (rare).
                 if sched.graveyard or sched.journal:
                     left = rt.leftovers_locked()
+                if nxt is not None:
+                    # Read under the lock: a callback delivered below may cancel nxt.
+                    ctx = nxt.ctx
             finally:
                 lock.release()
             # ---- outside the lock: persist, free, deliver, then act ----
@@ -408,7 +411,6 @@ class SlotPool(Backend):
             if action == _RUN:
                 task = nxt
                 nxt = None
-                ctx = task.ctx  # type: ignore[union-attr]
             elif action == _BACKOFF:  # woken early by cancel, stop or a fake clock's jump
                 while sleeping._reason is None:  # type: ignore[union-attr]
                     remaining = task.start - clock()  # type: ignore[union-attr,operator]
@@ -432,6 +434,9 @@ class SlotPool(Backend):
                     pass
                 continue
             # ---- run one attempt ----
+            if ctx._task is None:  # type: ignore[union-attr]  # cancelled by a callback above
+                ran = True  # never started: its finish is STALE (a replacement runs on)
+                continue
             token = current.set(ctx)  # type: ignore[arg-type]
             try:
                 if run is None:  # noqa: SIM108 - the thread pool's path, kept apart

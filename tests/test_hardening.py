@@ -462,3 +462,35 @@ def test_backoff_of_a_graceful_stop_is_honoured_for_requeue_too(make_cluster: Ma
     c.stop(timeout=WAIT)
     assert h.result(0) == "ok"
     assert starts[1] - starts[0] >= 0.29
+
+
+# -- a task cancelled by a callback between being taken and being run -----------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_cancelled_by_a_callback_before_it_starts_never_runs(
+    make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture, workers: int
+) -> None:
+    """The worker that delivers ``a``'s failure has already taken ``b`` (the next in
+    line) under the lock; ``a``'s callback then cancels ``b``. ``b`` must end cancelled
+    without running, and the worker must neither crash nor stay counted as stuck."""
+    c = make_cluster(workers)
+    gate, ran = threading.Event(), threading.Event()
+    handles: dict[str, Any] = {}
+    blockers = [c.add_task(gate.wait, WAIT).submit() for _ in range(workers - 1)]
+
+    def boom() -> None:
+        gate.wait(WAIT)
+        raise ValueError("x")
+
+    a = c.add_task(boom).on_failure(lambda *_: handles["b"].cancel()).submit()
+    handles["b"] = c.add_task(ran.set).submit()
+    gate.set()
+    assert isinstance(a.wait(WAIT).error, ValueError)  # type: ignore[union-attr]
+    assert isinstance(handles["b"].wait(WAIT).error, TaskCancelledError)
+    for h in blockers:
+        h.result(WAIT)
+    assert c.add_task(lambda: "after").submit().result(WAIT) == "after"
+    assert wait_until(lambda: c.stats().abandoned == 0)
+    assert not ran.is_set()
+    assert "crashed" not in caplog.text
