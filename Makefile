@@ -9,17 +9,18 @@ demo:
 
 install-test:
 	$(PYTHON) -m pip install -q -e '.[test,all]'
-	bash .ci/install-chromium
+	bash .ci/install-debian-packages chromium parallel
 
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 
 test: install-test lint
-	$(PYTHON) -m pytest
+	$(PYTHON) .ci/pythons.py  # pytest here, and beside it on the other CPythons present
 
 bench:
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	bash .ci/install-debian-packages parallel
 	$(PYTHON) -m benchmarks.run
 
 bench-quick:

@@ -237,8 +237,9 @@ class TaskBuilder(Generic[T]):
         task = self._task
         if task is None:
             raise RuntimeError("this TaskBuilder was already submitted")
-        if task.opts is not DEFAULT_OPTIONS:
-            self._prepare_submit()
+        opts = task.opts
+        if opts.repeat is not None and opts.series is None:  # _prepare_submit, inlined
+            self._start_series(task)
         self._task = None
         try:
             self._host._submit(task)

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import datetime
 from queue import SimpleQueue
-from types import FunctionType, MethodType, TracebackType
+from types import FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backend import Backend
@@ -82,8 +82,6 @@ log = logging.getLogger("cluster")
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 def _new_async_backend(limit: int) -> Backend:
@@ -282,9 +280,8 @@ class Cluster:
         task = Task(fn, args, kwargs)
         rt = self._rt
         # _is_coroutine_function, with its fast path inlined: this runs once per task.
-        kind = type(fn)
-        if kind is FunctionType or kind is MethodType:
-            if fn.__code__.co_flags & _CO_COROUTINE:
+        if type(fn) is FunctionType:
+            if fn.__code__.co_flags & 0x80:  # inspect.CO_COROUTINE
                 task.lane = rt._async_lane()
         elif inspect.iscoroutinefunction(fn):
             task.lane = rt._async_lane()
@@ -311,6 +308,8 @@ class Cluster:
         opts.name = name
         if rt.store is not None:
             opts.durable = Durable(name, args, kwargs)
+            if task.lane is None:  # (submit looks for durable tasks among those with a lane)
+                task.lane = rt.pool.lane
         return builder
 
     @overload

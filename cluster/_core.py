@@ -331,8 +331,7 @@ class Scheduler:
         #: Ids reserved by a durable submit that is being committed (see ``reserve``).
         self.reserved: dict[str, Task] = {}
         # Counters.
-        self.submitted = self.succeeded = self.failed = 0
-        self.cancelled = self.timed_out = self.retried = 0
+        self.submitted = self.retried = 0  # (the terminal counts are by_name's sums)
 
     def add_lane(self, name: str) -> Lane:
         """A new lane for an executor named ``name``."""
@@ -392,6 +391,24 @@ class Scheduler:
                 f"no task with id {task_id!r} (unknown, or finished and purged)"
             )
         return task
+
+    # The terminal counts: sums of the per-name counters (one increment per task).
+
+    @property
+    def succeeded(self) -> int:
+        return sum(c[0] for c in self.by_name.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(c[1] for c in self.by_name.values())
+
+    @property
+    def cancelled(self) -> int:
+        return sum(c[2] for c in self.by_name.values())
+
+    @property
+    def timed_out(self) -> int:
+        return sum(c[3] for c in self.by_name.values())
 
     def purge(self, now: float) -> None:
         """Forget cached results whose TTL has passed."""
@@ -703,7 +720,22 @@ class Scheduler:
         task.ctx = None
         if error is None:
             if rearm is None:  # no next run (not a series, or it ends): _end_run, inlined
-                self._finalize(task, SUCCEEDED, value, None, now)
+                if task.opts is not DEFAULT_OPTIONS:
+                    self._finalize(task, SUCCEEDED, value, None, now)
+                    return DONE
+                # _finalize's plain branch, inlined: a success is the one transition
+                # that every task makes (no error to set, nothing to dead-letter).
+                task.state = SUCCEEDED
+                task.value = value
+                task.finished_at = now
+                try:
+                    name = task.fn.__qualname__  # type: ignore[union-attr]
+                except AttributeError:
+                    name = fn_name(task.fn)
+                (self.by_name.get(name) or self._name_counts(name))[0] += 1
+                del self.tasks[task.id]  # type: ignore[arg-type]
+                if task.seq <= self.listing.upto:
+                    self.listing.note_removed(task.seq)
                 return DONE
             return self._end_run(task, SUCCEEDED, value, None, rearm, now)
         return self._failed(task, error, decision, rearm, now, True, ctx._reset)
@@ -945,11 +977,12 @@ class Scheduler:
         error. Returns the tasks made terminal."""
         self.runs_allowed = False
         done: list[Task] = []
-        for task in [t for t in self.tasks.values() if t.state not in TERMINAL]:
+        carried = [t for t in self.tasks.values() if t.opts.series is not None or t.opts.unlimited]
+        for task in carried:
             opts = task.opts
-            if opts is DEFAULT_OPTIONS:
-                continue
             state = task.state
+            if state in TERMINAL:
+                continue
             if state is not DELAYED and state is not PENDING and state is not RETRYING:
                 continue  # running: carried to the end of its run
             if opts.series is not None and task.attempts == 0:  # waiting for a run
@@ -1010,49 +1043,49 @@ class Scheduler:
         task._error = error
         task.finished_at = now
         opts = task.opts
-        name = opts.name
-        if name is None:
+        if opts is DEFAULT_OPTIONS:  # a plain task (once per task: kept short)
             try:
                 name = task.fn.__qualname__  # type: ignore[union-attr]
             except AttributeError:  # a partial, a callable object
                 name = fn_name(task.fn)
-            if opts is not DEFAULT_OPTIONS:
-                opts.name = name  # kept: the function is dropped once the task is released
-        counts = self.by_name.get(name)
-        if counts is None:
-            counts = self._name_counts(name)
+        else:
+            name = opts.name
+            if name is None:  # kept: the function is dropped once the task is released
+                try:
+                    name = task.fn.__qualname__  # type: ignore[union-attr]
+                except AttributeError:
+                    name = fn_name(task.fn)
+                opts.name = name
+        counts = self.by_name.get(name) or self._name_counts(name)
         if state is SUCCEEDED:
-            self.succeeded += 1
             counts[0] += 1
         elif state is CANCELLED:
-            self.cancelled += 1
             counts[2] += 1
         else:
-            if state is FAILED:
-                self.failed += 1
-                counts[1] += 1
-            else:
-                self.timed_out += 1
-                counts[3] += 1
+            counts[1 if state is FAILED else 3] += 1
             if self.dead_limit:
                 self._dead_letter(task, now, name)
-        if opts is not DEFAULT_OPTIONS:
-            if opts.holds:
-                self._release_key(task)
-            spec = opts.durable
-            if spec is not None:
-                if self.encode is None or error == "shutdown":
-                    # Nothing to record (a forked child), or a shutdown cancelled it:
-                    # its row stays as it was, and a restart carries it on (SPEC §14).
-                    spec.recorded = True
+        if opts is DEFAULT_OPTIONS:
+            del self.tasks[task.id]  # type: ignore[arg-type]  # (see below)
+            if task.seq <= self.listing.upto:
+                self.listing.note_removed(task.seq)
+            return
+        if opts.holds:
+            self._release_key(task)
+        spec = opts.durable
+        if spec is not None:
+            if self.encode is None or error == "shutdown":
+                # Nothing to record (a forked child), or a shutdown cancelled it:
+                # its row stays as it was, and a restart carries it on (SPEC §14).
+                spec.recorded = True
+            else:
+                if opts.ttl is None:
+                    self._forget_row(task)
                 else:
-                    if opts.ttl is None:
-                        self._forget_row(task)
-                    else:
-                        self._journal(task)  # cached: its Result survives a restart
-                        if state is not SUCCEEDED and state is not CANCELLED:
-                            self._forget_row(task, True)  # its dead letter, if any, too
-                    self.settling.append(task)  # seen as done once that is committed
+                    self._journal(task)  # cached: its Result survives a restart
+                    if state is not SUCCEEDED and state is not CANCELLED:
+                        self._forget_row(task, True)  # its dead letter, if any, too
+                self.settling.append(task)  # seen as done once that is committed
         ttl = opts.ttl
         if ttl is None:
             # Registered by submit; only this transition, or the purge of a task

@@ -715,12 +715,12 @@ class Runtime:
     # ------------------------------------------------------------------ submission
 
     def _submit(self, task: Task) -> None:
-        opts = task.opts
-        if opts is not DEFAULT_OPTIONS and opts.durable is not None:
-            self.submit_many([task])  # committed before it is queued
-            return
         lane = task.lane  # None: the thread pool (the common case)
-        if lane is not None:
+        if lane is not None:  # (a durable task has one: see Cluster._registered)
+            opts = task.opts
+            if opts is not DEFAULT_OPTIONS and opts.durable is not None:
+                self.submit_many([task])  # committed before it is queued
+                return
             backend: Backend = lane.backend  # type: ignore[assignment]
             if backend.prepares:
                 backend.prepare(task)  # outside the lock: may pickle, may raise
@@ -750,9 +750,11 @@ class Runtime:
                         pool._wake_timekeeper_locked()
                 else:
                     lane.backend.queued_locked(task, ready)  # type: ignore[attr-defined]
-            left = (
-                self.leftovers_locked() if sched.graveyard or sched.journal else None
-            )  # (a purge of expired results)
+            # A purge of expired results left something to free (and, for a durable
+            # one, its row's delete in the journal: never without the former)?
+            if not sched.graveyard:
+                return  # (the common case; the lock is released on the way out)
+            left = self.leftovers_locked()
         finally:
             lock.release()
         if left is not None:
@@ -940,7 +942,9 @@ class Runtime:
             if self.room_waiters:
                 self._room.notify()
             opts = task.opts
-            quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
+            quiet = task.sinks is None and (
+                opts is DEFAULT_OPTIONS or (opts.on_complete is None and opts.on_failure is None)
+            )
             if quiet:
                 self.unsettled -= 1  # nothing to deliver: settled already
                 if not self.unsettled:
@@ -1471,7 +1475,8 @@ class Runtime:
                 with self.lock:
                     self._settled.notify_all()
         try:
-            if has_callbacks(task):
+            opts = task.opts  # has_callbacks(task), inlined
+            if opts.on_complete is not None or opts.on_failure is not None:
                 run_callbacks(task)
         finally:
             slot.calling = False  # set under the lock by the slot when it settled the task

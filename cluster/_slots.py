@@ -25,7 +25,7 @@ import math
 import threading
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._backend import Backend, join_threads
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, Lane, Scheduler, plan
@@ -34,6 +34,9 @@ from ._policy import Decision
 from ._sync import MAX_WAIT, acquire_contended
 from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Result, Task, TaskContext
 from ._validate import integer
+
+if TYPE_CHECKING:
+    from ._runtime import Leftovers
 
 __all__ = ["Slot", "SlotPool", "ThreadPool"]
 
@@ -224,7 +227,7 @@ class SlotPool(Backend):
         ctx: TaskContext = task.ctx  # type: ignore[assignment]
         ctx._worker = slot
         if ctx.deadline is not None:
-            self.rt.arm_service_locked(ctx.deadline)
+            self.rt.service.arm_locked(ctx.deadline)
         if self._idle and (lane.queued or (lane.delayed and self._timekeeper is None)):
             # More due work, or start times with nobody keeping time: wake a helper.
             helper = self._idle.pop()
@@ -281,13 +284,15 @@ class SlotPool(Backend):
         rearm: float | None = None  # a repeating task's next run, if this run ended
         ran = False  # task's attempt just returned and is not yet recorded
         sleeping: TaskContext | None = None  # an IMMEDIATE retry's context
+        # Each of these is reset where it is consumed, not at every turn of the loop.
+        finished: Task | None = None  # made terminal here: delivered/released outside
+        run_ended: Result[Any] | None = None  # a run of a series ended: its callbacks
+        deliver = False  # finished has sinks or callbacks
+        nxt: Task | None = None  # the task whose attempt runs next
+        left: Leftovers | None = None
+        wait: float | None = None
         while True:
-            finished: Task | None = None  # made terminal here: delivered/released outside
-            run_ended: Result[Any] | None = None  # a run of a series ended: its callbacks
-            deliver = False
-            nxt: Task | None = None
             action = _RUN
-            wait: float | None = None
             lock = rt.lock  # read every time: a forked child replaces it
             if not lock.acquire(False):
                 acquire_contended(lock)
@@ -302,8 +307,12 @@ class SlotPool(Backend):
                 if ran:
                     ran = False
                     code = sched.finish(task, ctx, value, error, decision, now, rearm)  # type: ignore[arg-type]
+                    if decision is not None or rearm is not None:
+                        decision = rearm = None
                     if code == DONE:
-                        rt.settle_locked(1)
+                        rt.unsettled -= 1  # rt.settle_locked(1), inlined
+                        if not rt.unsettled:
+                            rt.settle_locked(0)
                         finished = task
                         if task.sinks is not None:  # type: ignore[union-attr]
                             me.owed = True  # until its sinks are served, below
@@ -329,7 +338,7 @@ class SlotPool(Backend):
                             self._wake_timekeeper_locked()
                     elif not kills:  # STALE: a replacement took this thread's place
                         rt.abandoned_threads -= 1
-                        action = _EXIT
+                        return  # (this critical section left nothing to free or record)
                     # (STALE on a killing backend: the slot already recovered; go on.)
                 elif sleeping is not None:  # the backoff is over (or was cut short)
                     if sched.resume(task, sleeping, now):  # type: ignore[arg-type]
@@ -346,9 +355,7 @@ class SlotPool(Backend):
                     if sleeping is None:
                         self._sleepers.pop(me, None)
                         self._token_waits.discard(me)
-                if action == _EXIT:
-                    pass
-                elif sleeping is not None:
+                if sleeping is not None:
                     action = _BACKOFF
                 elif nxt is None:
                     nxt = self._take_locked(me, sched, lane, now)
@@ -359,6 +366,7 @@ class SlotPool(Backend):
                             action = _EXIT
                         else:
                             action = _IDLE
+                            wait = None
                             self._idle.append(me)
                             me.idle = True
                             due = sched.next_due(lane)
@@ -371,7 +379,11 @@ class SlotPool(Backend):
                 if rt.room_waiters and nxt is not None:  # max_pending: a task started
                     rt.room_locked()
                 # Dropped objects to free, durable transitions to wait for (rare).
-                left = rt.leftovers_locked() if sched.graveyard or sched.journal else None
+                if sched.graveyard or sched.journal:
+                    left = rt.leftovers_locked()
+                if nxt is not None:
+                    # Read under the lock: a callback delivered below may cancel nxt.
+                    ctx = nxt.ctx
             finally:
                 lock.release()
             # ---- outside the lock: persist, free, deliver, then act ----
@@ -381,6 +393,7 @@ class SlotPool(Backend):
                 left = None
             if finished is not None:
                 if deliver:
+                    deliver = False
                     rt.deliver(finished, me)
                 if finished._error is not None and sched.dead_limit:
                     clear_frames(finished._error)  # type: ignore[arg-type]  # a dead letter
@@ -398,7 +411,6 @@ class SlotPool(Backend):
             if action == _RUN:
                 task = nxt
                 nxt = None
-                ctx = task.ctx  # type: ignore[union-attr]
             elif action == _BACKOFF:  # woken early by cancel, stop or a fake clock's jump
                 while sleeping._reason is None:  # type: ignore[union-attr]
                     remaining = task.start - clock()  # type: ignore[union-attr,operator]
@@ -422,6 +434,9 @@ class SlotPool(Backend):
                     pass
                 continue
             # ---- run one attempt ----
+            if ctx._task is None:  # type: ignore[union-attr]  # cancelled by a callback above
+                ran = True  # never started: its finish is STALE (a replacement runs on)
+                continue
             token = current.set(ctx)  # type: ignore[arg-type]
             try:
                 if run is None:  # noqa: SIM108 - the thread pool's path, kept apart
@@ -437,13 +452,9 @@ class SlotPool(Backend):
                 current.reset(token)
             if rt.observers:
                 rt.report_attempt(task, clock(), error)  # type: ignore[arg-type]
-            decision = rearm = None
-            opts = task.opts  # type: ignore[union-attr]
-            if error is not None or (opts is not DEFAULT_OPTIONS and opts.repeat is not None):
-                opts = None  # (no local may keep a task's state alive while idle)
+            if error is not None or task.opts.repeat is not None:  # type: ignore[union-attr]
                 stopping = not sched.runs_allowed
                 decision, rearm = plan(task, ctx, error, sched.rng, stopping, clock(), rt_clock)  # type: ignore[arg-type]
-            opts = None
             ran = True
 
 

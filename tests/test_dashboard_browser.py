@@ -1,5 +1,5 @@
 """The dashboard in a real browser: headless Chromium (Debian's ``/usr/bin/chromium``,
-``.ci/install-chromium``) driven by Playwright.
+``.ci/install-debian-packages``) driven by Playwright.
 
 It loads the page, sees a running task appear, sees a dead letter, clicks its
 Resurrect button and sees it run again (the dead letter leaves, the task is
@@ -15,6 +15,7 @@ be started (never ``playwright install``: it downloads a browser of its own).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ XSS = "<img src=x onerror=\"window.__xss='name'\">"
 @pytest.fixture
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: run .ci/install-chromium (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing: run .ci/install-debian-packages chromium")
     with sync_api.sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
@@ -147,8 +148,10 @@ def test_dashboard_in_a_browser(browser: Any) -> None:
         assert page.evaluate("window.__xss") is None
         assert page.locator("#dead-letters img").count() == 0
 
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        ARTIFACTS.mkdir(exist_ok=True)  # (written whole, then renamed: `make test` runs
+        shot = ARTIFACTS / f"dashboard-{os.getpid()}.png"  # every Python's suite at once)
+        page.screenshot(path=str(shot), full_page=True)
+        os.replace(shot, ARTIFACTS / "dashboard.png")
 
         # Once released, the resurrected task succeeds: the counters and names say so.
         release.set()

@@ -31,6 +31,7 @@ from cluster import (
     TaskTimeoutError,
     current,
 )
+from cluster.testing import FakeClock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -395,8 +396,10 @@ def test_exit_and_cancel_give_up_on_a_lock_left_held() -> None:
 # -- 11. expired cached results are released on an idle cluster ---------------------------
 
 
-def test_an_expired_cached_result_is_released_without_any_call(make_cluster: MakeCluster) -> None:
-    c = make_cluster(1)
+def test_an_expired_cached_result_is_released_without_any_call() -> None:
+    clock = FakeClock()  # the TTL passes when the test says so, not under a busy machine
+    c = Cluster(workers=1, clock=clock)
+    c.run()
     ended = threading.Event()
 
     class Witness:
@@ -409,12 +412,18 @@ def test_an_expired_cached_result_is_released_without_any_call(make_cluster: Mak
         refs.append(weakref.ref(value))
         return value
 
-    h = c.add_task(succeeds).with_cache(ttl=0.2).on_complete(lambda *a: ended.set()).submit()
-    assert ended.wait(WAIT)
-    del h
-    gc.collect()
-    assert refs and refs[0]() is not None  # still cached
-    assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, 3.0)
+    try:
+        h = c.add_task(succeeds).with_cache(ttl=60).on_complete(lambda *a: ended.set()).submit()
+        assert ended.wait(WAIT)
+        del h
+        clock.advance(59)
+        c.wait_idle(WAIT)
+        gc.collect()
+        assert refs and refs[0]() is not None  # still cached
+        clock.advance(2)  # nothing else is called on the cluster: its service purges
+        assert wait_until(lambda: gc.collect() >= 0 and refs[0]() is None, WAIT)
+    finally:
+        c.stop(timeout=WAIT)
 
 
 def test_a_failed_tasks_frame_locals_are_released_once_delivered(make_cluster: MakeCluster) -> None:
@@ -453,3 +462,35 @@ def test_backoff_of_a_graceful_stop_is_honoured_for_requeue_too(make_cluster: Ma
     c.stop(timeout=WAIT)
     assert h.result(0) == "ok"
     assert starts[1] - starts[0] >= 0.29
+
+
+# -- a task cancelled by a callback between being taken and being run -----------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_cancelled_by_a_callback_before_it_starts_never_runs(
+    make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture, workers: int
+) -> None:
+    """The worker that delivers ``a``'s failure has already taken ``b`` (the next in
+    line) under the lock; ``a``'s callback then cancels ``b``. ``b`` must end cancelled
+    without running, and the worker must neither crash nor stay counted as stuck."""
+    c = make_cluster(workers)
+    gate, ran = threading.Event(), threading.Event()
+    handles: dict[str, Any] = {}
+    blockers = [c.add_task(gate.wait, WAIT).submit() for _ in range(workers - 1)]
+
+    def boom() -> None:
+        gate.wait(WAIT)
+        raise ValueError("x")
+
+    a = c.add_task(boom).on_failure(lambda *_: handles["b"].cancel()).submit()
+    handles["b"] = c.add_task(ran.set).submit()
+    gate.set()
+    assert isinstance(a.wait(WAIT).error, ValueError)  # type: ignore[union-attr]
+    assert isinstance(handles["b"].wait(WAIT).error, TaskCancelledError)
+    for h in blockers:
+        h.result(WAIT)
+    assert c.add_task(lambda: "after").submit().result(WAIT) == "after"
+    assert wait_until(lambda: c.stats().abandoned == 0)
+    assert not ran.is_set()
+    assert "crashed" not in caplog.text

@@ -80,6 +80,9 @@ def test_a_timeout_kills_the_process_group_even_if_sigterm_is_ignored(
     cpu: Cluster, log: str, tmp_path: Path
 ) -> None:
     pid_log = str(tmp_path / "pids")
+    # A warm child first: on a loaded machine a spawned child's start-up and imports
+    # can take longer than the 0.5 s the attempt is given.
+    cpu.add_task(tasks.my_pid, log).with_executor("cpu").submit().result(WAIT)
     b = cpu.add_task(tasks.ignore_term_and_spin, log, pid_log).with_executor("cpu")
     h = b.with_timeout(0.5).submit()
     child, grandchild = pids_from(pid_log)
