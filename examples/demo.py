@@ -6,7 +6,7 @@ rules by exception class and a `RetryAfter` from the task, a repeating task, a k
 with a concurrency limit and a group, CPU work in child processes (one of them a
 runaway that a timeout kills), an `async def` task on the event loop, and at the end
 the dead letters (one resurrected) and the statistics per task name. Run it with
-`make demo` (or `python examples/demo.py`); it takes about 4 seconds.
+`make demo` (or `python examples/demo.py`); it takes about 3 seconds.
 """
 
 from __future__ import annotations
