@@ -74,7 +74,8 @@ class StoredError(ClusterError):
 
     def __init__(self, message: str, *, type_name: str = "", text: str = "") -> None:
         super().__init__(message)
-        self.type_name = type_name  #: ``module.QualifiedName`` of the original exception
+        #: ``module:QualifiedName`` of the original exception (``builtins:ValueError``)
+        self.type_name = type_name
         self.text = text  #: its formatted traceback
 
     def __reduce__(self) -> tuple[object, ...]:
