@@ -64,9 +64,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 try:
     import distributed
@@ -113,6 +112,9 @@ _ORIGIN = secrets.token_hex(8)
 _LOCAL: weakref.WeakValueDictionary[str, DaskExecutor] = weakref.WeakValueDictionary()
 #: Guards _FANOUTS and the installation of a client's "all" handler.
 _FANOUT_LOCK = threading.Lock()
+#: ``distributed.client.done_callback(future, callback)``: the coroutine behind
+#: ``Future.add_done_callback``, awaited on the client's loop (None if it moved).
+_DONE_CALLBACK: Callable[..., Any] | None = getattr(distributed.client, "done_callback", None)
 #: One "all"-topic handler per client, shared by its executors.
 _FANOUTS: weakref.WeakKeyDictionary[Client, _Fanout] = weakref.WeakKeyDictionary()
 
@@ -130,9 +132,9 @@ if hasattr(os, "register_at_fork"):
 # --------------------------------------------------------------------------- the worker side
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What ``run_attempt`` needs besides the call itself (pickled with it)."""
+class Call(NamedTuple):
+    """What ``run_attempt`` needs besides the call itself (pickled with it: a tuple,
+    the cheapest thing to pickle)."""
 
     task_id: str
     attempt: int  #: 0-based
@@ -434,6 +436,8 @@ class DaskExecutor(Backend):
         self._live: dict[str, _Attempt] = {}  # attempts out on Dask, by key
         self._numbers = itertools.count(1).__next__
         self._broken: str | None = None  # why no attempt can run any more (closed client)
+        # ---- the client's event loop only ----
+        self._watchers: set[Any] = set()  # asyncio tasks waiting for futures (see _watch)
 
     def __repr__(self) -> str:
         return f"<DaskExecutor {self.name!r} slots={self._slots}>"
@@ -949,10 +953,16 @@ class DaskExecutor(Backend):
                     error.__cause__ = exc
                 outcomes.append((att, None, error))
                 continue
-            future.add_done_callback(_DoneNote(self._inbox.put, att))
             submitted.append((att, future))
         if not submitted:
             return
+        if _DONE_CALLBACK is None:  # (a distributed without it: one hop per future)
+            for att, future in submitted:
+                watch: Any = future.add_done_callback  # (Dask's API is only partly typed)
+                watch(_DoneNote(self._inbox.put, att))
+        else:
+            with contextlib.suppress(Exception):  # a closed client: see _look_at_client
+                client.loop.add_callback(self._watch, submitted)
         cancel: list[distributed.Future[Any]] = []
         with rt.lock:
             for att, future in submitted:
@@ -962,6 +972,18 @@ class DaskExecutor(Backend):
                     cancel.append(future)
         if cancel:
             self._cancel_soon(cancel)
+
+    async def _watch(self, submitted: list[tuple[_Attempt, distributed.Future[Any]]]) -> None:
+        """On the client's loop: note each attempt's future done in the inbox (one loop
+        callback per batch, not a thread hop per future as ``add_done_callback``)."""
+        import asyncio
+
+        watchers = self._watchers
+        put = self._inbox.put
+        for att, future in submitted:
+            watcher = asyncio.ensure_future(_DONE_CALLBACK(future, _DoneNote(put, att)))  # type: ignore[misc]
+            watchers.add(watcher)  # (asyncio keeps only weak references to tasks)
+            watcher.add_done_callback(watchers.discard)
 
     async def _fetch(self, fresh: list[_Attempt]) -> None:
         """On the client's loop: gather finished attempts' envelopes (Dask batches the
