@@ -670,7 +670,9 @@ if importlib.util.find_spec("distributed") is not None:  # the dask extra
             "µs/task end to end; raw: client.submit(pure=False) for every task, then "
             "distributed.wait, in the same run; the executor with its default slots (the "
             "2 worker threads) and with 4x as many; *_over_raw: executor / raw (goal "
-            "<= 1.2). python3 -m benchmarks.dask runs it alone, interleaved.",
+            "<= 1.2). One run (a LocalCluster each; 5,000 tasks take about a minute): "
+            "python3 -m benchmarks.dask repeats it, interleaved.",
+            repeats=1,
         ),
     )
 
