@@ -557,3 +557,31 @@ def worker_keys(client: Client) -> set[str]:
     """Every key some worker still holds (in any state)."""
     held = client.run(lambda dask_worker: [str(k) for k in dask_worker.state.tasks])
     return {key for keys in held.values() for key in keys}
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_the_example_gives_the_same_results_on_threads_and_on_dask(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dask_demo.py")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    local, _, dask = out.partition("dask (")
+    assert local.startswith("local (threads):") and dask, out
+
+    def values(part: str, prefix: str) -> list[str]:
+        return [
+            line.split(": ", 1)[1]
+            for line in part.splitlines()
+            if line.strip().startswith(f"{prefix}-")
+        ]
+
+    assert values(local, "threads") == values(dask, "dask")
+    assert len(values(dask, "dask")) == 12
+    assert "12/12 succeeded" in dask
