@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -649,6 +650,31 @@ SCENARIOS: tuple[Scenario, ...] = (
         "n is 400 rather than 1000 to keep 3 repeats well under 30 s.",
     ),
 )
+
+
+def dask_cluster(size: int) -> Metrics:
+    """The "dask" scenario (``benchmarks.dask``): DaskExecutor vs raw client.submit."""
+    from benchmarks.dask import scenario
+
+    return scenario(size)
+
+
+if importlib.util.find_spec("distributed") is not None:  # the dask extra
+    SCENARIOS += (
+        Scenario(
+            "dask",
+            "no-op tasks on DaskExecutor over a LocalCluster (1 worker x 2 threads)",
+            5_000,
+            200,
+            {"cluster": dask_cluster},
+            "µs/task end to end; raw: client.submit(pure=False) for every task, then "
+            "distributed.wait, in the same run; the executor with its default slots (the "
+            "2 worker threads) and with 4x as many; *_over_raw: executor / raw (goal "
+            "<= 1.2). One run (a LocalCluster each; 5,000 tasks take about a minute): "
+            "python3 -m benchmarks.dask repeats it, interleaved.",
+            repeats=1,
+        ),
+    )
 
 
 @dataclass

@@ -53,12 +53,14 @@ from ._task import (
 from ._validate import UNLIMITED
 
 if TYPE_CHECKING:
+    from ._dask import DaskExecutor
     from ._durable import UNAVAILABLE, StoredError
     from ._process import ProcessExecutor
     from ._store import SQLiteStore
 
 #: Names whose modules pull in more of the standard library: loaded on first use.
 _LAZY = {
+    "DaskExecutor": "_dask",  # needs the dask extra: ImportError naming it without
     "ProcessExecutor": "_process",
     "SQLiteStore": "_store",
     "StoredError": "_durable",
@@ -83,6 +85,7 @@ __all__ = [
     "ClusterError",
     "ClusterStats",
     "ClusterStoppedError",
+    "DaskExecutor",
     "DeadLetter",
     "DuplicateTaskError",
     "Executor",

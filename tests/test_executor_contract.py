@@ -1,16 +1,19 @@
-"""One contract, every executor (SPEC §9): threads, child processes, the event loop.
+"""One contract, every executor (SPEC §9): threads, child processes, the event loop, Dask.
 
 Each test runs against each executor with the same expectations: §4's order among
 due tasks, retries in both modes, timeouts, cancel of pending and running tasks,
 stop in every state, exactly one Result per task and callbacks once. Tasks come
 from ``_contract_tasks`` (importable by child processes) and synchronise through
 a FIFO gate and a log file, so the same test drives a thread, a child process or a
-coroutine.
+coroutine. The Dask kind runs on one in-process LocalCluster for the whole module,
+with more worker threads than any kit's slots (abandoned calls hold a thread until
+the kit's gate closes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import queue
 import threading
@@ -38,13 +41,26 @@ from cluster import (
 
 pytestmark = pytest.mark.timeout(90)
 
-KINDS = ["threads", "process", "async"]
+HAVE_DASK = importlib.util.find_spec("distributed") is not None  # the dask extra
+
+KINDS = [
+    "threads",
+    "process",
+    "async",
+    pytest.param(
+        "dask",
+        marks=pytest.mark.skipif(
+            not HAVE_DASK,
+            reason="dask[distributed] is not installed (pip install 'cluster[dask]')",
+        ),
+    ),
+]
 
 
 class Kit:
     """A cluster whose tasks all go to one executor kind, with a gate and a log."""
 
-    def __init__(self, kind: str, tmp: Path, capacity: int) -> None:
+    def __init__(self, kind: str, tmp: Path, capacity: int, dask: Any = None) -> None:
         self.kind = kind
         self.log = str(tmp / "log")
         Path(self.log).touch()
@@ -56,17 +72,21 @@ class Kit:
             self.c = Cluster(workers=capacity)
         elif kind == "process":
             self.c = Cluster(workers=1, executors={"cpu": ProcessExecutor(capacity)})
+        elif kind == "dask":
+            from cluster import DaskExecutor
+
+            self.c = Cluster(workers=1, executors={"dask": DaskExecutor(dask, slots=capacity)})
         else:
             self.c = Cluster(workers=1, async_limit=capacity)
-        self.name = {"threads": "threads", "process": "cpu", "async": "async"}[kind]
+        self.name = {"threads": "threads", "process": "cpu", "async": "async", "dask": "dask"}[kind]
         self.table = tasks.ASYNC if kind == "async" else tasks.SYNC
 
     def add(self, fn: str, *args: Any) -> TaskBuilder[Any]:
         """A builder of task ``fn`` (by its name in _contract_tasks) on this executor."""
         target: Callable[..., Any] = self.table[fn]
         builder: TaskBuilder[Any] = self.c.add_task(target, *args)
-        if self.kind == "process":
-            builder.with_executor("cpu")
+        if self.kind in ("process", "dask"):
+            builder.with_executor(self.name)
         return builder
 
     def release(self, n: int = 1) -> None:
@@ -92,14 +112,31 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    """One in-process Dask cluster for the module's "dask" kits (8 worker threads)."""
+    import distributed
+
+    local: Any = distributed.LocalCluster  # (Dask's API is only partly typed)
+    connect: Any = distributed.Client
+    lc = local(processes=False, n_workers=2, threads_per_worker=4, dashboard_address=":0")
+    client = connect(lc)
+    yield client
+    client.close()
+    lc.close()
+
+
 @pytest.fixture
-def make_kit(kind: str, tmp_path: Path) -> Iterator[Callable[[int], Kit]]:
+def make_kit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[int], Kit]]:
     kits: list[Kit] = []
+    dask = request.getfixturevalue("dask_client") if kind == "dask" else None
 
     def make(capacity: int = 1) -> Kit:
         sub = tmp_path / f"kit{len(kits)}"
         sub.mkdir()
-        kit = Kit(kind, sub, capacity)
+        kit = Kit(kind, sub, capacity, dask)
         kits.append(kit)
         kit.c.run()
         return kit

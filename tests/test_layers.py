@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "_asyncio": 4,
     "_child": 4,
     "_process": 4,
+    "_dask": 4,
     "_runtime": 4,
     "_builder": 4,
     "_cluster": 4,
