@@ -865,7 +865,7 @@ class Runtime:
         executors."""
         sched = self.sched
         woken = sched.woken
-        if self.state == RUNNING:
+        if self.state in (RUNNING, STOPPING):  # a graceful stop runs them too
             for lane in woken:
                 lane.backend.wake_locked()  # type: ignore[attr-defined]
         woken.clear()

@@ -8,6 +8,7 @@ while the workers are real threads. ``advance()`` moves it and wakes the cluster
     clock = FakeClock()
     with Cluster(clock=clock) as c:
         h = c.add_task(sync).repeat(every=60).submit()
+        c.wait_idle()                  # run 0, at fake time 0
         for _ in range(1440):          # a day of runs, in milliseconds
             clock.advance(60)
             c.wait_idle()

@@ -582,6 +582,32 @@ def test_with_rate_10_starts_are_exactly_a_tenth_of_a_second_apart(clusters: Clu
         h.result(WAIT)
 
 
+@pytest.mark.parametrize("fake", [False, True], ids=["real-clock", "fake-clock"])
+def test_a_graceful_stop_runs_the_tasks_waiting_for_a_rate_token(
+    clusters: Clusters, fake: bool
+) -> None:
+    """The tokens that come back while a graceful stop waits still start their tasks
+    (they were left waiting, and the stop timed out)."""
+    if fake:
+        c, clock = clusters.fake(4)
+        t = Tracker(clock)
+    else:
+        c, clock = clusters.make(4), None
+        t = Tracker()
+    c.limit("k", concurrency=10, rate=8, burst=1)  # a token per 0.125 s
+    handles = [c.add_task(t.body(f"t{i}")).with_key("k").submit() for i in range(4)]
+    assert take(t.started) == "t0"
+    stopper, out = in_thread(lambda: c.stop(timeout=WAIT))
+    eventually(lambda: stop_began(c), "the stop")
+    for i in range(1, 4):
+        if clock is not None:
+            clock.advance(0.125)
+        assert take(t.started) == f"t{i}"
+    stopper.join(WAIT + 1)
+    assert out == [None]
+    assert [h.result(0) for h in handles] == [f"t{i}" for i in range(4)]
+
+
 def test_a_burst_of_three_starts_three_at_once_then_one_per_interval(
     clusters: Clusters,
 ) -> None:
