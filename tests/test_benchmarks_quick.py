@@ -1,4 +1,4 @@
-"""The benchmark runner works end to end in quick mode; timings are never asserted."""
+"""The benchmark runner and modules work end to end in quick mode; timings are never asserted."""
 
 from __future__ import annotations
 
@@ -55,3 +55,35 @@ def test_only_selects_scenarios(tmp_path: Path) -> None:
 
     report = json.loads(out.read_text(encoding="utf-8"))
     assert set(report["scenarios"]) == {"cancel"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("module", ["semantics", "coordination"])
+def test_quick_run_of_a_module_prints_and_writes_every_row(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks.semantics`` and ``benchmarks.coordination`` in ``--quick`` mode: every
+    scenario gives its rows, each a finite number; their own checks of the outcomes
+    (no lost task, every run on its grid time...) raise if one is wrong."""
+    import importlib
+
+    bench = importlib.import_module(f"benchmarks.{module}")
+    out = tmp_path / f"{module}.json"
+
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["quick"] is True
+    rows = report["rows"]
+    assert rows
+    for row in rows:
+        assert row["samples"], row
+        assert all(math.isfinite(v) for v in row["samples"]), row
+        assert math.isfinite(row["value"]), row
+        assert row["ok"] in (True, False, None), row
+        if row["target"]:
+            assert row["ok"] is not None, row
+    table = capsys.readouterr().out
+    for row in rows:
+        assert row["metric"] in table
+    assert len({row["scenario"] for row in rows}) == len(bench.SCENARIOS)  # each one ran
