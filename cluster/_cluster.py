@@ -273,19 +273,20 @@ class Cluster:
         registered task type (``register``): its arguments must be JSON, and on a
         cluster with a store the task is durable.
         """
+        # _is_coroutine_function, with its fast path inlined: this runs once per task.
+        if type(fn) is FunctionType:  # (callable: the common case, checked first)
+            task = Task(fn, args, kwargs)
+            if fn.__code__.co_flags & 0x80:  # inspect.CO_COROUTINE
+                task.lane = self._rt._async_lane()
+            return TaskBuilder(self._rt, task)
         if not callable(fn):
             if isinstance(fn, str):
                 return self._registered(fn, args, kwargs)
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         task = Task(fn, args, kwargs)
-        rt = self._rt
-        # _is_coroutine_function, with its fast path inlined: this runs once per task.
-        if type(fn) is FunctionType:
-            if fn.__code__.co_flags & 0x80:  # inspect.CO_COROUTINE
-                task.lane = rt._async_lane()
-        elif inspect.iscoroutinefunction(fn):
-            task.lane = rt._async_lane()
-        return TaskBuilder(rt, task)
+        if inspect.iscoroutinefunction(fn):
+            task.lane = self._rt._async_lane()
+        return TaskBuilder(self._rt, task)
 
     def _registered(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -730,14 +730,16 @@ class Runtime:
         if not lock.acquire(False):
             acquire_contended(lock)
         try:
-            if self.state >= STOPPING:
+            state = self.state
+            if state >= STOPPING:
                 raise ClusterStoppedError("the cluster is stopped; submit() is refused")
-            sched = self.sched
             if self.max_pending is not None:
                 self._wait_for_room_locked()
+                state = self.state  # (the wait released the lock)
+            sched = self.sched
             ready = sched.submit(task, self.monotonic())
             self.unsettled += 1
-            if self.state == RUNNING:
+            if state == RUNNING:
                 if lane is None:
                     # The thread pool's queued_locked, inlined: once per task.
                     pool = self.pool

@@ -291,6 +291,7 @@ class SlotPool(Backend):
         nxt: Task | None = None  # the task whose attempt runs next
         left: Leftovers | None = None
         wait: float | None = None
+        idled = False  # this slot joined the idle list (and may keep time) and waited
         while True:
             action = _RUN
             lock = rt.lock  # read every time: a forked child replaces it
@@ -298,12 +299,14 @@ class SlotPool(Backend):
                 acquire_contended(lock)
             try:
                 now = clock()
-                if me.idle:  # woke by timeout: leave the idle list
-                    self._idle.remove(me)
-                    me.idle = False
-                if self._timekeeper is me:
-                    self._timekeeper = None
-                    self._timer_target = math.inf
+                if idled:  # back from the idle wait below (only it joins these)
+                    idled = False
+                    if me.idle:  # woke by timeout: leave the idle list
+                        self._idle.remove(me)
+                        me.idle = False
+                    if self._timekeeper is me:
+                        self._timekeeper = None
+                        self._timer_target = math.inf
                 if ran:
                     ran = False
                     code = sched.finish(task, ctx, value, error, decision, now, rearm)  # type: ignore[arg-type]
@@ -428,6 +431,7 @@ class SlotPool(Backend):
                     continue
                 if action == _EXIT:
                     return
+                idled = True
                 try:  # noqa: SIM105 - cheaper than contextlib.suppress on this path
                     me.wake.get(timeout=None if wait is None else min(wait, MAX_WAIT))
                 except Empty:

@@ -341,6 +341,9 @@ class Task:
         "submitted_at",
         "value",
     )
+    # Set by Scheduler.submit, left unset until then to keep the builder cheap.
+    seq: int  #: submission order, the FIFO tie-breaker
+    submitted_at: float
 
     def __init__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -353,10 +356,6 @@ class Task:
         self.start: float | None = None  # monotonic due time; None: at submit
         self.opts = DEFAULT_OPTIONS  # replaced by a private copy before any change
         self.lane: Lane | None = None  # the executor's lane; None: the default (threads)
-        # Set by Scheduler.submit: seq (submission order, the FIFO tie-breaker)
-        # and submitted_at; left unset until then to keep the builder cheap.
-        self.seq: int
-        self.submitted_at: float
         self.state = _PENDING
         self.attempts = 0
         self.ctx: TaskContext | None = None  # the current attempt's context
