@@ -1194,12 +1194,7 @@ class Runtime:
         out = []
         for r in page:
             if r.text is None:  # formatted here, outside the lock (it runs __str__s)
-                error = r.error
-                r.text = (
-                    error.text  # read back after a restart: the original traceback
-                    if isinstance(error, StoredError) and error.text
-                    else "".join(traceback.format_exception(error))
-                )
+                r.text = error_text(r.error)
             out.append(
                 DeadLetter(
                     id=r.id,
@@ -1458,7 +1453,7 @@ class Runtime:
             with self.lock:
                 self.settle_locked(1)
             run_callbacks(task)
-            _clear_dead_frames(task)
+            self.seal_dead(task)
             task.release()
         elif run_ended is not None:
             run_callbacks(task, run_ended)
@@ -1548,14 +1543,32 @@ class Runtime:
         with self.lock:
             for task in tasks:
                 if has_callbacks(task):
-                    self.runners.submit_locked(_callbacks_then_release, task, None)
+                    self.runners.submit_locked(self._callbacks_then_release, task, None)
             self.settle_locked(len(tasks))
             if self.sched.woken:
                 self.wake_lanes_locked()
         for task in tasks:
             if not has_callbacks(task):
-                _clear_dead_frames(task)
+                self.seal_dead(task)
                 task.release()
+
+    def seal_dead(self, task: Task) -> None:
+        """``task``'s Result is delivered (outside every lock). If it is a dead letter,
+        its traceback text is formatted now, once, for ``dead_letters()``, and its
+        frames' locals go (SPEC §13 keeps the text, not the locals)."""
+        state = task.state
+        if state is not TaskState.FAILED and state is not TaskState.TIMED_OUT:
+            return
+        error = task.error
+        record = self.sched.dead.get(task.id)  # type: ignore[arg-type]  # (a dict read)
+        if record is not None and record.error is error and record.text is None:
+            record.text = error_text(error)
+        clear_frames(error)
+
+    def _callbacks_then_release(self, task: Task) -> None:
+        run_callbacks(task)
+        self.seal_dead(task)
+        task.release()
 
     def leftovers_locked(self) -> Leftovers | None:
         """What a critical section leaves to do once the lock is released: the objects
@@ -1737,19 +1750,6 @@ def _series_results(task: Task, sink: SeriesSink, timeout: float | None) -> Iter
             return
 
 
-def _clear_dead_frames(task: Task) -> None:
-    """A dead letter's Result is delivered: its frames' locals go (SPEC §13)."""
-    state = task.state
-    if state is TaskState.FAILED or state is TaskState.TIMED_OUT:
-        clear_frames(task.error)
-
-
-def _callbacks_then_release(task: Task) -> None:
-    run_callbacks(task)
-    _clear_dead_frames(task)
-    task.release()
-
-
 def _shutdown_all() -> None:
     """At interpreter exit: cancel what every unstopped cluster still holds."""
     for rt in list(_LIVE):
@@ -1775,3 +1775,11 @@ except (AttributeError, RuntimeError):  # pragma: no cover - other interpreters
     atexit.register(_shutdown_all)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def error_text(error: BaseException) -> str:
+    """A dead letter's ``error_text``: its formatted traceback (user ``__str__`` runs:
+    never under a lock)."""
+    if isinstance(error, StoredError) and error.text:
+        return error.text  # read back after a restart: the original traceback
+    return "".join(traceback.format_exception(error))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._backend import Backend, join_threads
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, Lane, Scheduler, plan
-from ._delivery import clear_frames, has_callbacks, run_callbacks
+from ._delivery import has_callbacks, run_callbacks
 from ._policy import Decision
 from ._sync import MAX_WAIT, acquire_contended
 from ._task import _CURRENT, _NO_KWARGS, DEFAULT_OPTIONS, Result, Task, TaskContext
@@ -399,7 +399,7 @@ class SlotPool(Backend):
                     deliver = False
                     rt.deliver(finished, me)
                 if finished._error is not None and sched.dead_limit:
-                    clear_frames(finished._error)  # type: ignore[arg-type]  # a dead letter
+                    rt.seal_dead(finished)  # a dead letter: its text made, its frames cleared
                 # Task.release, inlined: this runs once per task.
                 finished.fn = None
                 finished.args = ()
