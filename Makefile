@@ -15,8 +15,10 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 
-test: install-test lint
-	$(PYTHON) .ci/pythons.py  # pytest here, and beside it on the other CPythons present
+# .ci/pythons.py --lint: the lint above, then pytest here and beside it on the other
+# CPythons present (their installs start first, while the lint runs)
+test: install-test
+	$(PYTHON) .ci/pythons.py --lint
 
 bench:
 	$(PYTHON) -m pip install -q -e '.[bench]'

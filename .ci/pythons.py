@@ -10,7 +10,13 @@ versions run beside the first one instead of after it, and the whole takes littl
 longer than one run. Their output goes to ``.venvs/pythonX.Y/pytest.log``; a summary
 (and, on a failure, the log's end) is printed at the end.
 
-Arguments go to every pytest run. ``CLUSTER_PYTHONS=3.12,3.13`` names the other
+``--lint`` first runs ``ruff check .`` and ``mypy`` here while the other versions
+install (a lint failure stops everything). The other versions run the durable crash
+suite with 5 seeds unless ``CLUSTER_CRASH_SEEDS`` says otherwise (this one runs its
+default 20): it is the suite's most CPU-hungry part, and what it checks (SQLite and
+SIGKILL) does not depend on the Python version.
+
+Other arguments go to every pytest run. ``CLUSTER_PYTHONS=3.12,3.13`` names the other
 versions to run (empty: none).
 """
 
@@ -23,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_ROOT_USER_ACTION="ignore")
@@ -73,6 +80,8 @@ class Other(threading.Thread):
         self.log = self.venv / "pytest.log"
         self.code: int | None = None
         self.seconds = 0.0
+        self.cancelled = False  # set by main() on a lint failure
+        self.proc: subprocess.Popen[bytes] | None = None  # the command running now
 
     def run(self) -> None:
         started = time.monotonic()
@@ -89,26 +98,51 @@ class Other(threading.Thread):
         python = self.venv / "bin" / "python"
         if not python.exists():
             subprocess.run([self.exe, "-m", "venv", str(self.venv)], check=True)
+        env = dict(ENV)
+        env.setdefault("CLUSTER_CRASH_SEEDS", "5")
         with self.log.open("w") as out:
             install = [str(python), "-m", "pip", "install", "-q", "-e", ".[test,all]"]
             with INSTALLS:  # one pip at a time in this tree (they write its egg-info)
-                code = subprocess.call(install, cwd=ROOT, env=ENV, stdout=out, stderr=out)
+                code = self._call(install, env, out)
             if code:
                 return code
             pytest = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-            return subprocess.call(
-                [*pytest, *self.pytest_args], cwd=ROOT, env=ENV, stdout=out, stderr=out
-            )
+            return self._call([*pytest, *self.pytest_args], env, out)
+
+    def _call(self, cmd: list[str], env: dict[str, str], out: IO[str]) -> int:
+        with LAUNCH:
+            if self.cancelled:
+                return 1
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
+        return self.proc.wait()
+
+    def cancel(self) -> None:
+        with LAUNCH:
+            self.cancelled = True
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
 
 
 INSTALLS = threading.Lock()
+LAUNCH = threading.Lock()  # guards Other.cancelled and Other.proc against a cancel
 MINE = "{}.{}".format(*sys.version_info[:2])
 
 
-def main(pytest_args: list[str]) -> int:
+def main(args: list[str]) -> int:
+    lint = "--lint" in args
+    pytest_args = [a for a in args if a != "--lint"]
     others = [Other(version, exe, pytest_args) for version, exe in other_interpreters()]
     for other in others:
         other.start()
+    if lint:
+        for cmd in (["ruff", "check", "."], ["mypy"]):
+            print("+ python -m " + " ".join(cmd), flush=True)
+            if subprocess.call([sys.executable, "-m", *cmd], cwd=ROOT, env=ENV):
+                for other in others:
+                    other.cancel()
+                for other in others:
+                    other.join()
+                return 1
     beside = "; beside it on " + ", ".join(o.version for o in others) if others else ""
     print(f"== the suite on Python {MINE} here{beside}", flush=True)
     started = time.monotonic()
