@@ -20,10 +20,13 @@ lint:
 test: install-test
 	$(PYTHON) .ci/pythons.py --lint
 
+# Every benchmark module, each against its anchor in the same run (README, Performance).
+BENCHMARKS = run executors semantics coordination durable futures dask cli web
+
 bench:
 	$(PYTHON) -m pip install -q -e '.[bench]'
 	bash .ci/install-debian-packages parallel
-	$(PYTHON) -m benchmarks.run
+	for m in $(BENCHMARKS); do $(PYTHON) -m benchmarks.$$m || exit 1; done
 
 bench-quick:
 	$(PYTHON) -m benchmarks.run --quick
