@@ -26,7 +26,7 @@ BENCHMARKS = run executors semantics coordination durable futures dask cli web
 bench:
 	$(PYTHON) -m pip install -q -e '.[bench]'
 	bash .ci/install-debian-packages parallel
-	for m in $(BENCHMARKS); do $(PYTHON) -m benchmarks.$$m || exit 1; done
+	status=0; for m in $(BENCHMARKS); do $(PYTHON) -m benchmarks.$$m || status=1; done; exit $$status
 
 bench-quick:
 	$(PYTHON) -m benchmarks.run --quick
