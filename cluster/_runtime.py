@@ -62,6 +62,7 @@ from ._durable import (
     MAX_INTERRUPTS,
     BadDoc,
     Durable,
+    OptionsCache,
     StoredError,
     decode_doc,
     encode,
@@ -386,6 +387,7 @@ class Runtime:
         dead: list[DeadRecord] = []
         waiting: list[Row] = []
         terminal = {s.value: s for s in TERMINAL}
+        cache: OptionsCache = {}  # the options of each shared part, decoded once
         for row in rows:
             kind = row.doc.get("type")
             if isinstance(kind, str) and kind not in self.registry:
@@ -396,7 +398,7 @@ class Runtime:
             try:
                 if row.doc.get("executor") == ASYNC and ASYNC not in lanes:
                     lanes[ASYNC] = self._async_lane()
-                task = decode_doc(row, self.registry, clock, lanes)
+                task = decode_doc(row, self.registry, clock, lanes, cache)
                 backend: Backend = task.lane.backend  # type: ignore[union-attr,assignment]
                 if backend.prepares and row.state not in terminal and row.state != "dead":
                     try:

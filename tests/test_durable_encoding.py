@@ -30,6 +30,8 @@ from cluster import (
     LinearBackoff,
     SQLiteStore,
     StoreWriteError,
+    TaskState,
+    _store,
 )
 from cluster._clock import SystemClock
 from cluster._durable import decode_doc
@@ -88,11 +90,18 @@ OpenCluster = Callable[..., Cluster]
 
 
 def check_texts(rows: list[Row]) -> None:
-    """Every row has a text, and it is the JSON of its doc."""
+    """Every row has a text, and it is the JSON of its doc: of the keys of its shared
+    part (``Row.part``, the JSON of the doc's first keys) if it has one, else all."""
     assert rows
     for row in rows:
         assert row.text is not None, row
-        assert row.text == _encode(row.doc), row.id
+        if row.part is None:
+            assert row.text == _encode(row.doc), row.id
+            continue
+        shared = json.loads(row.part)
+        assert list(row.doc)[: len(shared)] == list(shared), row.id
+        assert row.part == _encode({k: row.doc[k] for k in shared}), row.id
+        assert row.text == _encode({k: v for k, v in row.doc.items() if k not in shared})
 
 
 def add(a: int, b: int = 0) -> int:
@@ -162,22 +171,34 @@ def test_epoch_seconds_have_no_datetime_range_limit() -> None:
 # ----------------------------------------------------------------------------- the text
 
 
-def test_a_plain_tasks_row_is_byte_for_byte_the_format_1_doc(
+def test_a_plain_tasks_row_is_byte_for_byte_the_format_2_doc(
     clusters: OpenCluster, tmp_path: Path
 ) -> None:
     path = tmp_path / "t.db"
     c = clusters(path, clock=FakeClock(START))
     c.register("add", add)
     h = c.add_task("add", 1, b=2).with_id("one").submit()
+    c.add_task("add", 3).with_id("two").submit()  # (the same options: the same part)
     epoch = repr(START.timestamp())
     assert stored(path)[h.id] == (
         "pending",
-        '{"v":1,"type":"add","args":[1],"kwargs":{"b":2},"submitted":' + epoch + ","
-        '"executor":"threads","opts":{"timeout":null,"retries":0,'
-        '"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,"mode":"requeue","rules":[],'
-        '"ttl":null,"name":"add","tags":[],"key":null,"repeat":null},"priority":0,'
-        '"start":' + epoch + ',"attempts":0,"interrupts":0,"counts":null}',
-    )
+        '{"v":2,"args":[1],"kwargs":{"b":2},"submitted":' + epoch + ',"start":' + epoch + "}",
+    )  # (name, tags, key, priority, attempts, interrupts, counts: their defaults, left out)
+    conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=WAIT)
+    try:
+        parts = conn.execute("SELECT id, doc FROM part").fetchall()
+        refs = dict(conn.execute("SELECT id, part FROM task").fetchall())
+    finally:
+        conn.close()
+    assert parts == [
+        (
+            1,
+            '{"type":"add","executor":"threads","opts":{"timeout":null,"retries":0,'
+            '"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,"mode":"requeue","rules":[],'
+            '"ttl":null,"repeat":null}}',
+        )
+    ]
+    assert refs == {"one": 1, "two": 1}
 
 
 def test_every_row_of_a_run_to_success_is_the_json_of_its_doc(
@@ -389,3 +410,78 @@ def test_stored_times_come_back_on_a_fake_clock_with_the_same_start(
     info = again.info(h.id)
     assert info.start_at == datetime.fromtimestamp(START.timestamp() + 90, UTC)
     assert info.submitted_at == START
+
+
+# ----------------------------------------------------------------------------- format 1 files
+
+
+def v1_doc(args: list[Any], opts: str, state_keys: str, epoch: str) -> str:
+    """A doc as format 1 wrote it: every key in the row, name, tags and key in opts."""
+    return (
+        f'{{"v":1,"type":"add","args":{json.dumps(args)},"kwargs":{{}},"submitted":{epoch},'
+        f'"executor":"threads","opts":{{{opts}}},{state_keys}}}'
+    )
+
+
+def test_a_store_written_in_format_1_opens_and_its_tasks_come_back(
+    clusters: OpenCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.db"
+    epoch = repr(START.timestamp() - 10)
+    plain = (
+        '"timeout":null,"retries":0,"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,'
+        '"mode":"requeue","rules":[],"ttl":3600.0,"name":"add","tags":["t"],"key":"k1",'
+        '"repeat":null'
+    )
+    retried = plain.replace('"retries":0', '"retries":2').replace('"k1"', "null")
+    rows = [
+        (
+            "one",
+            1,
+            "pending",
+            v1_doc(
+                [1, 2],
+                plain,
+                f'"priority":5,"start":{epoch},"attempts":0,"interrupts":0,"counts":null',
+                epoch,
+            ),
+        ),
+        (
+            "two",
+            2,
+            "running",
+            v1_doc(
+                [3, 4],
+                retried,
+                f'"priority":0,"start":{epoch},"attempts":1,"interrupts":0,"counts":null',
+                epoch,
+            ),
+        ),
+    ]
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in _store._SCHEMA_V1:
+            conn.execute(statement)
+        conn.executemany("INSERT INTO task VALUES (?, ?, ?, ?)", rows)
+        conn.execute(f"PRAGMA application_id = {_store.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+    finally:
+        conn.close()
+    c = clusters(path, clock=FakeClock(START))
+    c.register("add", add)
+    c.run()
+    assert c.wait_idle(WAIT)
+    one, two = c.info("one"), c.info("two")
+    assert (one.priority, one.name, one.tags, one.key) == (5, "add", ("t",), "k1")
+    assert (one.state, one.value, one.attempts) == (TaskState.SUCCEEDED, 3, 1)
+    # It was running: interrupted, then retried (the interrupted attempt counts).
+    assert (two.state, two.value, two.attempts) == (TaskState.SUCCEEDED, 7, 2)
+    assert c.unrecovered == []
+    c.stop(timeout=WAIT)
+    # The rows it wrote since are of format 2; reopened, everything reads back.
+    c2 = clusters(path, clock=FakeClock(START))
+    c2.register("add", add)
+    c2.run()
+    assert (c2.info("one").value, c2.info("two").value) == (3, 7)
+    assert c2.info("one").key == "k1" and c2.unrecovered == []
