@@ -34,7 +34,7 @@ from cluster import (
     _store,
 )
 from cluster._clock import SystemClock
-from cluster._durable import decode_doc
+from cluster._durable import decode_doc, encode
 from cluster._store import Row, Ticket, _encode
 from cluster.testing import FakeClock
 
@@ -485,3 +485,38 @@ def test_a_store_written_in_format_1_opens_and_its_tasks_come_back(
     c2.run()
     assert (c2.info("one").value, c2.info("two").value) == (3, 7)
     assert c2.info("one").key == "k1" and c2.unrecovered == []
+
+
+def test_the_rows_of_a_submit_all_are_those_encode_makes(
+    clusters: OpenCluster, tmp_path: Path
+) -> None:
+    # submit_all encodes its tasks' rows in one pass (encode_submitted): each must be
+    # the row encode() makes of the same task, text, part and doc alike.
+    store = RecordingStore(tmp_path / "t.db")
+    clock = FakeClock(START)
+    c = clusters(store, clock=clock)
+    c.register("add", add)
+    c.register("echo", echo)
+    builders = [
+        c.add_task("add", 1),
+        c.add_task("add", 1, b=2).with_priority(3),
+        c.add_task("add", a=1).with_priority(-2).with_delay(60),
+        c.add_task("echo", {"x": [1, "é"]}).with_name("custom name"),
+        c.add_task("echo", 1).with_tags("t").with_key("k"),  # (through encode itself)
+        c.add_task("echo", 2).with_retry(3).with_backoff(ExponentialBackoff(1.0)).with_timeout(5),
+        c.add_task("add", 4).with_id("given").with_cache(60),
+    ]
+    handles = c.submit_all(builders)
+    rows = {row.id: row for row in store.rows}
+    assert len(rows) == len(builders)
+    check_texts(list(rows.values()))
+    for h in handles:
+        task = h._task
+        spec = task.opts.durable
+        assert spec is not None
+        spec.static = spec.prefix = spec.part = None  # made afresh by encode
+        again = encode(task, c._rt.clock)
+        row = rows[h.id]
+        assert (row.id, row.seq, row.state) == (again.id, again.seq, again.state)
+        assert (row.text, row.part, row.doc) == (again.text, again.part, again.doc), h.id
+        assert list(row.doc) == list(again.doc)
