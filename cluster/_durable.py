@@ -624,6 +624,56 @@ def _options_of(o: dict[str, Any]) -> Options:
     return opts
 
 
+#: How many keys the doc of a plain queued task has (format 2): its part's ``type``,
+#: ``executor`` and ``opts``, then ``v``, ``submitted`` and ``start``; every other key
+#: has its default and is left out (see ``_DEFAULTS``).
+_PLAIN_KEYS = 6
+
+
+def _decode_plain(
+    row: Row,
+    task_id: str,
+    doc: dict[str, Any],
+    fn: Callable[..., Any],
+    kind: str,
+    clock: Clock,
+    lanes: dict[str, Any],
+    cache: OptionsCache,
+) -> Task | None:
+    """``decode_doc`` of a doc with only the plain keys (``_PLAIN_KEYS``), or None when
+    it is not one (``decode_doc`` then reads it the long way, and reports it)."""
+    try:
+        o = doc["opts"]
+        submitted = doc["submitted"]
+        start = doc["start"]
+        executor = doc["executor"]
+    except KeyError:
+        return None
+    cached = cache.get(id(o))
+    lane = lanes.get(executor)
+    if (
+        cached is None
+        or cached[0] is not o
+        or cached[1].repeat is not None
+        or lane is None
+        or (type(submitted) is not float and submitted is not None)
+        or (type(start) is not float and start is not None)
+    ):
+        return None
+    from_epoch = clock.from_epoch
+    task = Task(fn, (), {})
+    task.id = task_id
+    task.seq = row.seq
+    task.submitted_at = None if submitted is None else from_epoch(submitted)  # type: ignore[assignment]
+    task.start = math.inf if start is None else from_epoch(start)
+    opts = cached[1].copy()
+    opts.name = kind
+    opts.durable = Durable(kind, (), {})
+    task.opts = opts
+    task.lane = lane
+    return task
+
+
 def decode_doc(
     row: Row,
     registry: dict[str, Callable[..., Any]],
@@ -646,6 +696,10 @@ def decode_doc(
     if fn is None:
         raise BadDoc(f"task type {kind!r} is not registered")
     from_epoch = clock.from_epoch
+    if version == 2 and len(doc) == _PLAIN_KEYS and cache is not None:
+        task = _decode_plain(row, task_id, doc, fn, kind, clock, lanes, cache)  # type: ignore[arg-type]
+        if task is not None:
+            return task
     get = doc.get
     try:
         if version == 2:  # (the keys with their default are left out: see FORMAT)

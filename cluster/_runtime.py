@@ -326,20 +326,17 @@ class Runtime:
             raise
         self.store = store
         self._loaded: Loaded | None = loaded
-        newest = max((row.seq for row in loaded.rows), default=0)
+        rows = loaded.rows
+        newest = rows[-1].seq if rows else 0  # (rows are in (seq, id) order)
         newest = max([newest, *(b.seq for b in loaded.bad if b.seq is not None)])
         self.sched.start_seq_after(newest)  # new submissions come after every stored one
         from ._durable_ids import DEAD_PREFIX
 
         # Until run() brings them back, the stored tasks' ids are taken (a submit with
         # one of them is a DuplicateTaskError), and generated ids start past theirs.
-        numbered = 0
-        for row in loaded.rows:
-            if row.id.startswith(DEAD_PREFIX):
-                continue
-            self.sched.reserved[row.id] = _STORED
-            if row.id[:1] == "t" and row.id[1:].isdigit():
-                numbered = max(numbered, int(row.id[1:]))
+        ids = [row.id for row in rows if not row.id.startswith(DEAD_PREFIX)]
+        self.sched.reserved.update(dict.fromkeys(ids, _STORED))
+        numbered = max([int(i[1:]) for i in ids if i[:1] == "t" and i[1:].isdigit()], default=0)
         self.sched.start_ids_after(numbered)
         clock = self.clock
         self.sched.encode = lambda task, state: encode(task, clock, state)
@@ -393,17 +390,21 @@ class Runtime:
         waiting: list[Row] = []
         terminal = {s.value: s for s in TERMINAL}
         cache: OptionsCache = {}  # the options of each shared part, decoded once
+        registry = self.registry
+        running_state = TaskState.RUNNING.value
+        retrying, pending = TaskState.RETRYING, TaskState.PENDING
         for row in rows:
-            kind = row.doc.get("type")
-            if isinstance(kind, str) and kind not in self.registry:
+            doc = row.doc
+            kind = doc.get("type")
+            if isinstance(kind, str) and kind not in registry:
                 waiting.append(row)
                 reason = f"task type {kind!r} is not registered (it comes back when it is)"
                 bad.append(BadRow(row.id, row.seq, row.state, reason))
                 continue
             try:
-                if row.doc.get("executor") == ASYNC and ASYNC not in lanes:
+                if ASYNC not in lanes and doc.get("executor") == ASYNC:
                     lanes[ASYNC] = self._async_lane()
-                task = decode_doc(row, self.registry, clock, lanes, cache)
+                task = decode_doc(row, registry, clock, lanes, cache)
                 backend: Backend = task.lane.backend  # type: ignore[union-attr,assignment]
                 if backend.prepares and row.state not in terminal and row.state != "dead":
                     try:
@@ -429,10 +430,10 @@ class Runtime:
                     continue
                 task.state = terminal[state]
                 restored.append(task)
-            elif state == TaskState.RUNNING.value:
+            elif state == running_state:
                 self._interrupted(task, now, restored, dead, changes)
             else:
-                task.state = TaskState.RETRYING if state == "retrying" else TaskState.PENDING
+                task.state = retrying if state == "retrying" else pending
                 restored.append(task)
         if changes:  # persist, then act: committed before any of them can run
             self.store.write(  # type: ignore[union-attr]
@@ -445,13 +446,15 @@ class Runtime:
             for record in dead:
                 sched.restore_dead(record)
             held = {row.id for row in waiting}
+            reserved = sched.reserved
             for row in rows:
-                if row.id not in held and sched.reserved.get(row.id) is _STORED:
-                    del sched.reserved[row.id]
+                if reserved.get(row.id) is _STORED and row.id not in held:
+                    del reserved[row.id]
             running = self.state == RUNNING
+            ended = tuple(TERMINAL)  # (compared by identity: no enum __hash__ per task)
             for task in restored:
                 sched.restore(task, now)
-                if task.state not in TERMINAL:
+                if task.state not in ended:
                     self.unsettled += 1
                     sched.submitted += 1  # (accepted anew: the counters balance)
                     if running:  # (a type registered late)

@@ -31,6 +31,7 @@ from cluster import (
     SQLiteStore,
     StoreWriteError,
     TaskState,
+    _durable,
     _store,
 )
 from cluster._clock import SystemClock
@@ -520,3 +521,50 @@ def test_the_rows_of_a_submit_all_are_those_encode_makes(
         assert (row.id, row.seq, row.state) == (again.id, again.seq, again.state)
         assert (row.text, row.part, row.doc) == (again.text, again.part, again.doc), h.id
         assert list(row.doc) == list(again.doc)
+
+
+def test_a_plain_row_decodes_the_same_through_the_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows that share a part and have only the plain keys are decoded by a shortcut
+    # (_decode_plain, with decode_doc's cache); it must make the task the long way does.
+    def build(c: Cluster) -> None:
+        for i in range(3):
+            c.add_task("add").with_delay(3600).with_retry(2).submit()
+        c.add_task("add", 7).with_delay(3600).submit()  # (not plain: arguments)
+        c.add_task("add").with_priority(2).with_timeout(3).submit()
+
+    rows = stored_rows(tmp_path / "t.db", build)
+    assert sum(len(row.doc) == 6 for row in rows) >= 3
+    lanes = {"threads": object()}
+    clock = SystemClock()
+    cache: dict[int, Any] = {}
+    shortcut = _durable._decode_plain
+    taken: list[object] = []
+
+    def counted(*args: Any) -> Any:
+        task = shortcut(*args)
+        taken.append(task)
+        return task
+
+    monkeypatch.setattr(_durable, "_decode_plain", counted)
+    fast = [decode_doc(row, {"add": add}, clock, lanes, cache) for row in rows]
+    assert sum(task is not None for task in taken) == 2  # (the first of the part: the long way)
+    monkeypatch.undo()
+    slow = [decode_doc(row, {"add": add}, clock, lanes) for row in rows]
+    slots = [name for name in type(fast[0].opts).__slots__ if name != "durable"]
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.id, a.seq, a.priority, a.start, a.submitted_at, a.attempts, a.state) == (
+            b.id, b.seq, b.priority, b.start, b.submitted_at, b.attempts, b.state
+        )  # fmt: skip
+        assert (a.fn, a.args, a.kwargs, a.lane, a.finished_at) == (
+            b.fn, b.args, b.kwargs, b.lane, b.finished_at
+        )  # fmt: skip
+        for name in slots:
+            x, y = getattr(a.opts, name), getattr(b.opts, name)
+            assert x == y or (name == "backoff" and type(x) is type(y)), name
+        da, db = a.opts.durable, b.opts.durable
+        assert da is not None and db is not None
+        assert (da.kind, da.args, da.kwargs, da.interrupts, da.recorded) == (
+            db.kind, db.args, db.kwargs, db.interrupts, db.recorded
+        )  # fmt: skip
