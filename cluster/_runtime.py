@@ -785,9 +785,10 @@ class Runtime:
         A large batch on a cluster with a store is submitted with the collector
         paused (``collector_paused``): its tasks, rows and handles, all long-lived,
         would otherwise be walked by young collections again and again (a quarter of
-        a 10k ``submit_all``), and then promoted anyway.
+        a 10k ``submit_all``), and then promoted anyway. Not with ``max_pending``: the
+        wait for room may be long, and the collector must not stay off meanwhile.
         """
-        if self.store is not None and len(tasks) >= _PAUSED_BATCH:
+        if self.store is not None and len(tasks) >= _PAUSED_BATCH and self.max_pending is None:
             with collector_paused():
                 self._submit_many(tasks)
         else:

@@ -529,7 +529,7 @@ def test_a_plain_row_decodes_the_same_through_the_shortcut(
     # Rows that share a part and have only the plain keys are decoded by a shortcut
     # (_decode_plain, with decode_doc's cache); it must make the task the long way does.
     def build(c: Cluster) -> None:
-        for i in range(3):
+        for _ in range(3):
             c.add_task("add").with_delay(3600).with_retry(2).submit()
         c.add_task("add", 7).with_delay(3600).submit()  # (not plain: arguments)
         c.add_task("add").with_priority(2).with_timeout(3).submit()
