@@ -37,13 +37,35 @@ from ._validate import UNLIMITED
 __all__ = [
     "UNAVAILABLE",
     "Durable",
+    "OptionsCache",
     "StoredError",
     "check_json",
     "decode_doc",
     "encode",
+    "encode_submitted",
 ]
 
-FORMAT = 1  #: the doc's own version (``doc["v"]``)
+#: The doc's own version (``doc["v"]``). Version 1 (a store of format 1 holds them,
+#: and they still read): every key in the row; ``opts`` has ``name``, ``tags``, ``key``.
+#: Version 2: ``type``, ``executor`` and ``opts`` are the row's shared part
+#: (``Row.part``, stored once for every task that has the same ones), and ``name``,
+#: ``tags`` and ``key``, which tasks often have each their own, are the row's own keys;
+#: a row leaves out the keys that have their default (``_DEFAULTS``; ``name``: the type).
+FORMAT = 2
+_FORMATS = (1, 2)
+
+#: The keys a version 2 doc leaves out when they have these values (ints: ``0``, never
+#: ``False`` or ``0.0``, whose JSON differs).
+_DEFAULTS: dict[str, Any] = {
+    "args": [],
+    "kwargs": {},
+    "tags": [],
+    "key": None,
+    "priority": 0,
+    "attempts": 0,
+    "interrupts": 0,
+    "counts": None,
+}
 
 #: How many times a task may be interrupted (it was running when its process ended)
 #: before it ends as a dead letter instead of being retried: a task that crashes the
@@ -89,7 +111,7 @@ def _stored(message: str, type_name: str, text: str) -> StoredError:
 class Durable:
     """What a durable task carries (``Options.durable``): its type and JSON arguments."""
 
-    __slots__ = ("args", "interrupts", "kind", "kwargs", "prefix", "recorded", "static")
+    __slots__ = ("args", "interrupts", "kind", "kwargs", "part", "prefix", "recorded", "static")
 
     def __init__(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.kind = kind  #: the registered type's name
@@ -100,6 +122,7 @@ class Durable:
         # ... and its JSON text without the closing brace (made with it; None: it is
         # not JSON after all, and the store's own encoding of the doc reports it).
         self.prefix: str | None = None
+        self.part: str | None = None  # the JSON text of the doc's shared part (made with it)
         #: Its end is committed (or never will be): until then the task is terminal in
         #: memory only, and ``done()``, ``wait()`` and subscribers do not see it yet.
         self.recorded = False
@@ -170,7 +193,8 @@ def _backoff_doc(strategy: Callable[[int], float] | None) -> dict[str, Any] | No
 
 
 def _opts_doc(opts: Options) -> dict[str, Any]:
-    """The doc of a task's options (``doc["opts"]``)."""
+    """The doc of a task's options (``doc["opts"]``), but ``name``, ``tags`` and ``key``
+    (the row's own keys: see ``FORMAT``)."""
     repeat = opts.repeat
     return {
         "timeout": opts.timeout,
@@ -187,9 +211,6 @@ def _opts_doc(opts: Options) -> dict[str, Any]:
             for rule in opts.rules
         ],
         "ttl": opts.ttl,
-        "name": opts.name,
-        "tags": list(opts.tags),
-        "key": opts.key,
         "repeat": None
         if repeat is None
         else {
@@ -202,15 +223,15 @@ def _opts_doc(opts: Options) -> dict[str, Any]:
     }
 
 
-#: The fixed part of a doc that tasks of one type, executor and options share: (the
-#: options' doc, the JSON text before ``args``, the text after ``submitted``), by a key
-#: of those values. Tasks are mostly submitted in many copies of a few builders, so
-#: each such part is built and encoded once instead of once per task.
-_SHARED: dict[tuple[object, ...], tuple[dict[str, Any], str, str]] = {}
+#: The shared part of a doc that tasks of one type, executor and options have (the
+#: part's doc and its JSON text, see ``FORMAT``), by a key of those values. Tasks are
+#: mostly submitted in many copies of a few builders, so each part is built and
+#: encoded once instead of once per task.
+_SHARED: dict[tuple[object, ...], tuple[dict[str, Any], str]] = {}
 _MAX_SHARED = 1024  # past that, new parts are built and not kept
 
 
-def _shared(kind: str, executor: str, opts: Options) -> tuple[dict[str, Any], str, str]:
+def _shared(kind: str, executor: str, opts: Options) -> tuple[dict[str, Any], str]:
     """See ``_SHARED``. A repeating task's part is not kept (each series is its own)."""
     timeout, jitter, ttl = opts.timeout, opts.jitter, opts.ttl
     key = None
@@ -218,78 +239,89 @@ def _shared(kind: str, executor: str, opts: Options) -> tuple[dict[str, Any], st
         # The numbers' types too: 1 == 1.0 as keys, and their JSON differs. The
         # strategies are compared by identity (they define no ``__eq__``).
         key = (kind, executor, opts.retries, opts.backoff, opts.retry_mode, opts.rules,
-               opts.name, opts.tags, opts.key, timeout, type(timeout), jitter, type(jitter),
-               ttl, type(ttl))  # fmt: skip
+               timeout, type(timeout), jitter, type(jitter), ttl, type(ttl))  # fmt: skip
         try:
             part = _SHARED.get(key)
         except TypeError:  # an unhashable custom backoff, say
             key = part = None
         if part is not None:
             return part
-    opts_doc = _opts_doc(opts)
-    before = f'{{"v":{FORMAT},"type":{dumps(kind)},"args":'
-    after = f',"executor":{dumps(executor)},"opts":{dumps(opts_doc)}'
-    part = (opts_doc, before, after)
+    doc = {"type": kind, "executor": executor, "opts": _opts_doc(opts)}
+    part = (doc, dumps(doc))
     if key is not None and len(_SHARED) < _MAX_SHARED:
         _SHARED[key] = part
     return part
 
 
-def _static(task: Task, clock: Clock) -> tuple[dict[str, Any], str | None]:
-    """The part of a task's doc that never changes after submit, and its JSON text
-    without the closing brace (``None`` if it is not JSON: the store reports it)."""
+def _static(task: Task, clock: Clock) -> tuple[dict[str, Any], str | None, str | None]:
+    """The part of a task's doc that never changes after submit (its shared part's keys
+    included), the JSON text of its own keys without the closing brace, and the
+    shared part's text (``None``, ``None`` if it is not JSON: the store reports it)."""
     opts = task.opts
     spec: Durable = opts.durable  # type: ignore[assignment]
     executor = task.lane.name if task.lane is not None else "threads"
     submitted = _wall(clock, task.submitted_at)
     args, kwargs = spec.args, spec.kwargs
+    name, tags, key = opts.name, opts.tags, opts.key
+    # The doc's own fixed keys, those with their default left out (see FORMAT).
+    own: dict[str, Any] = {"v": FORMAT}
+    if args:
+        own["args"] = list(args)
+    if kwargs:
+        own["kwargs"] = kwargs
+    own["submitted"] = submitted
+    if name != spec.kind:
+        own["name"] = name
+    if tags:
+        own["tags"] = list(tags)
+    if key is not None:
+        own["key"] = key
+    prefix: str | None
+    part: str | None
     try:
-        opts_doc, before, after = _shared(spec.kind, executor, opts)
-        prefix: str | None = (
-            f"{before}{dumps(args) if args else '[]'},"
-            f'"kwargs":{dumps(kwargs) if kwargs else "{}"},'
-            f'"submitted":{dumps(submitted)}{after}'
-        )
+        shared, part = _shared(spec.kind, executor, opts)
+        if len(own) == 2:  # (the common task: no arguments, its type's name, no labels)
+            prefix = f'{{"v":{FORMAT},"submitted":{dumps(submitted)}'
+        else:
+            prefix = dumps(own)[:-1]
     except (TypeError, ValueError, RecursionError):  # arguments changed since add_task
-        opts_doc, prefix = _opts_doc(opts), None
-    static = {
-        "v": FORMAT,
-        "type": spec.kind,
-        "args": list(args),
-        "kwargs": kwargs,
-        "submitted": submitted,
-        "executor": executor,
-        "opts": opts_doc,
-    }
-    return static, prefix
+        shared = {"type": spec.kind, "executor": executor, "opts": _opts_doc(opts)}
+        prefix = part = None
+    return {**shared, **own}, prefix, part
 
 
 def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
     """The row of durable ``task`` as it stands (called under the cluster lock); a
     dead letter's row (state ``"dead"``) has its own row id.
 
-    The row carries its doc's JSON text (``Row.text``), made part by part: the fixed
-    part is encoded once per task (``Durable.prefix``), and only what changes is
-    encoded here. The text is the one the whole doc encodes to. (Encoding each doc
-    whole was most of a durable submit's Python work.)
+    The row carries its doc's JSON text, made part by part: its shared part
+    (``Row.part``: type, executor, options) is encoded once per builder's options
+    (``_SHARED``), its own fixed keys once per task (``Durable.prefix``), and only
+    what changes is encoded here (``Row.text``: the doc without the shared part's
+    keys, as the encoder writes it). (Encoding each doc whole was most of a durable
+    submit's Python work.)
     """
     opts = task.opts
     spec: Durable = opts.durable  # type: ignore[assignment]
     static = spec.static
     if static is None:
-        static, spec.prefix = _static(task, clock)
+        static, spec.prefix, spec.part = _static(task, clock)
         spec.static = static
     # The changing part, in the doc's key order (after the fixed part's keys).
     priority, attempts, interrupts = task.priority, task.attempts, spec.interrupts
     start = _wall(clock, task.start)
     counts = opts.counts
-    dynamic: dict[str, Any] = {
-        "priority": priority,
-        "start": start,
-        "attempts": attempts,
-        "interrupts": interrupts,
-        "counts": None if counts is None else {"rules": counts.rules, "default": counts.default},
-    }
+    # (Each int key is left out when it is the int 0: see _DEFAULTS.)
+    dynamic: dict[str, Any] = {}
+    if priority != 0 or type(priority) is not int:
+        dynamic["priority"] = priority
+    dynamic["start"] = start
+    if attempts != 0 or type(attempts) is not int:
+        dynamic["attempts"] = attempts
+    if interrupts != 0 or type(interrupts) is not int:
+        dynamic["interrupts"] = interrupts
+    if counts is not None:
+        dynamic["counts"] = {"rules": counts.rules, "default": counts.default}
     series = opts.series
     if series is not None:
         dynamic["series"] = {
@@ -319,21 +351,31 @@ def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
     prefix = spec.prefix
     if prefix is None:
         pass  # the store encodes the doc itself (and reports what is not JSON)
+    elif len(dynamic) == 1 and (start is None or type(start) is float):
+        # The common row (queued: only its start), as the encoder writes it: the repr
+        # of a float is JSON's own.
+        when = "null" if start is None else float.__repr__(start)
+        text = f'{prefix},"start":{when}}}'
     elif (
-        len(dynamic) == 5
-        and counts is None
+        len(dynamic) == 1 + (priority != 0) + (attempts != 0) + (interrupts != 0)
         and type(priority) is int
         and type(attempts) is int
         and type(interrupts) is int
         and (start is None or type(start) is float)
     ):
-        # The common row (queued, running), as the encoder writes it: the reprs of
-        # int and float are JSON's own.
+        # A row of a running or prioritised task, as the encoder writes it: the reprs
+        # of int and float are JSON's own.
         when = "null" if start is None else float.__repr__(start)
-        text = (
-            f'{prefix},"priority":{priority},"start":{when},"attempts":{attempts},'
-            f'"interrupts":{interrupts},"counts":null}}'
-        )
+        pieces = [prefix]
+        if priority:
+            pieces.append(f',"priority":{priority}')
+        pieces.append(f',"start":{when}')
+        if attempts:
+            pieces.append(f',"attempts":{attempts}')
+        if interrupts:
+            pieces.append(f',"interrupts":{interrupts}')
+        pieces.append("}")
+        text = "".join(pieces)
     else:
         try:
             tail = dumps(dynamic)
@@ -348,7 +390,107 @@ def encode(task: Task, clock: Clock, state: str | None = None) -> Row:
         dynamic["value"] = {"unavailable": True} if value is None else {"json": task.value}
     state = state or task_state._value_
     row_id = task.id if state != "dead" else DEAD_PREFIX + task.id  # type: ignore[operator]
-    return Row(row_id, task.seq, state, {**static, **dynamic}, text)  # type: ignore[arg-type]
+    part = spec.part if text is not None else None
+    return Row(row_id, task.seq, state, {**static, **dynamic}, text, part)  # type: ignore[arg-type]
+
+
+def encode_submitted(tasks: list[Task], clock: Clock) -> list[Row]:
+    """The rows of durable ``tasks`` just reserved for a submit (``submit_all``; under
+    the cluster lock): ``[encode(task, clock) for task in tasks]``, the same rows, with
+    the per-task work of the common task done in one loop.
+
+    The common task: a first submit (no fixed part made yet), no attempt, interrupt,
+    retry count, series or error, a float or no start, its state queued or delayed,
+    no tags and no key. Its doc is its shared part's keys, ``v``, ``args`` and
+    ``kwargs`` when not empty, ``submitted``, ``name`` when not its type's, and
+    ``start``. Any other task goes through ``encode``.
+    """
+    rows: list[Row] = []
+    append = rows.append
+    to_epoch = clock.to_epoch
+    head = f'{{"v":{FORMAT}'
+    pending, delayed = TaskState.PENDING, TaskState.DELAYED
+    # The previous common task's shared part, and what it was made of: a task whose
+    # options hold the very same objects has the same part (copies of one builder).
+    last: tuple[object, ...] = ()
+    shared: dict[str, Any] = {}
+    part = ""
+    for task in tasks:
+        opts = task.opts
+        spec: Durable = opts.durable  # type: ignore[assignment]
+        mono = task.start
+        state = task.state
+        submitted_at = task.submitted_at
+        if (
+            spec.static is not None
+            or task.attempts
+            or spec.interrupts
+            or opts.counts is not None
+            or opts.series is not None
+            or opts.last_error is not None
+            or opts.tags
+            or opts.key is not None
+            or opts.repeat is not None
+            or type(task.priority) is not int
+            or (state is not pending and state is not delayed)
+            or type(mono) is not float
+            or not math.isfinite(mono)
+            or type(submitted_at) is not float
+            or not math.isfinite(submitted_at)
+        ):
+            append(encode(task, clock))
+            continue
+        kind = spec.kind
+        lane = task.lane
+        made = (kind, lane, opts.timeout, opts.retries, opts.backoff, opts.jitter,
+                opts.retry_mode, opts.rules, opts.ttl)  # fmt: skip
+        if len(last) != len(made) or any(a is not b for a, b in zip(made, last, strict=True)):
+            executor = lane.name if lane is not None else "threads"
+            try:
+                shared, part = _shared(kind, executor, opts)
+            except (TypeError, ValueError, RecursionError):  # (encode reports it)
+                last = ()
+                append(encode(task, clock))
+                continue
+            last = made
+        args, kwargs, name = spec.args, spec.kwargs, opts.name
+        submitted = to_epoch(submitted_at)
+        start = to_epoch(mono)
+        if not args and not kwargs and name == kind:
+            static = {**shared, "v": FORMAT, "submitted": submitted}
+            prefix = f'{head},"submitted":{float.__repr__(submitted)}'
+        else:
+            own: dict[str, Any] = {"v": FORMAT}
+            pieces = [head]
+            try:
+                if args:
+                    own["args"] = list(args)
+                    pieces.append(f',"args":{dumps(args)}')
+                if kwargs:
+                    own["kwargs"] = kwargs
+                    pieces.append(f',"kwargs":{dumps(kwargs)}')
+                own["submitted"] = submitted
+                pieces.append(f',"submitted":{float.__repr__(submitted)}')
+                if name != kind:
+                    own["name"] = name
+                    pieces.append(f',"name":{dumps(name)}')
+            except (TypeError, ValueError, RecursionError):  # (encode reports it)
+                append(encode(task, clock))
+                continue
+            static = {**shared, **own}
+            prefix = "".join(pieces)
+        spec.static = static
+        spec.prefix = prefix
+        spec.part = part
+        priority = task.priority
+        if priority:
+            doc = {**static, "priority": priority, "start": start}
+            text = f'{prefix},"priority":{priority},"start":{float.__repr__(start)}}}'
+        else:
+            doc = {**static, "start": start}
+            text = f'{prefix},"start":{float.__repr__(start)}}}'
+        append(Row(task.id, task.seq, state._value_, doc, text, part))  # type: ignore[arg-type]
+    return rows
 
 
 #: The states a task ends in (a tuple: members are compared by identity, no hashing).
@@ -441,80 +583,182 @@ def stored_error(doc: dict[str, Any] | None) -> StoredError | None:
 _MODES = {mode.value: mode for mode in RetryMode}
 
 
+#: ``decode_doc``'s ``cache``: the options of a shared part, decoded once: the id of
+#: the part's ``opts`` dict -> (that dict, kept alive so the id stays its own; the
+#: Options made of it, without name, tags, key or per-task state).
+OptionsCache = dict[int, tuple[dict[str, Any], Options]]
+_MAX_CACHED = 1024  # distinct option sets per recovery; past that, each is decoded
+
+
+def _options_of(o: dict[str, Any]) -> Options:
+    """Options from a doc's ``opts`` (a copy of the defaults, the stored values over
+    them), without the name, tags and key."""
+    opts = DEFAULT_OPTIONS.copy()
+    opts.timeout = o["timeout"]
+    opts.retries = _count(o["retries"])
+    backoff = _backoff_of(o["backoff"])
+    if backoff is not None:
+        opts.backoff = backoff
+    opts.jitter = float(o["jitter"])
+    mode = o["mode"]
+    opts.retry_mode = _MODES.get(mode) or RetryMode(mode)
+    opts.rules = tuple(
+        RetryRule(
+            tuple(_class_of(path) for path in rule["errors"]),
+            _count(rule["retries"]),
+            _backoff_of(rule["backoff"]),
+        )
+        for rule in o["rules"]
+    )
+    opts.ttl = o["ttl"]
+    repeat = o["repeat"]
+    if repeat is not None:
+        until = repeat["until"]
+        opts.repeat = Repeat(
+            repeat["every"],
+            cron=repeat["cron"],
+            count=repeat["count"],
+            until=None if until is None else datetime.fromisoformat(until),
+            stop_on_error=repeat["stop_on_error"],
+        )
+    return opts
+
+
+#: How many keys the doc of a plain queued task has (format 2): its part's ``type``,
+#: ``executor`` and ``opts``, then ``v``, ``submitted`` and ``start``; every other key
+#: has its default and is left out (see ``_DEFAULTS``).
+_PLAIN_KEYS = 6
+
+
+def _decode_plain(
+    row: Row,
+    task_id: str,
+    doc: dict[str, Any],
+    fn: Callable[..., Any],
+    kind: str,
+    clock: Clock,
+    lanes: dict[str, Any],
+    cache: OptionsCache,
+) -> Task | None:
+    """``decode_doc`` of a doc with only the plain keys (``_PLAIN_KEYS``), or None when
+    it is not one (``decode_doc`` then reads it the long way, and reports it)."""
+    try:
+        o = doc["opts"]
+        submitted = doc["submitted"]
+        start = doc["start"]
+        executor = doc["executor"]
+    except KeyError:
+        return None
+    cached = cache.get(id(o))
+    lane = lanes.get(executor)
+    if (
+        cached is None
+        or cached[0] is not o
+        or cached[1].repeat is not None
+        or lane is None
+        or (type(submitted) is not float and submitted is not None)
+        or (type(start) is not float and start is not None)
+    ):
+        return None
+    from_epoch = clock.from_epoch
+    task = Task(fn, (), {})
+    task.id = task_id
+    task.seq = row.seq
+    task.submitted_at = None if submitted is None else from_epoch(submitted)  # type: ignore[assignment]
+    task.start = math.inf if start is None else from_epoch(start)
+    opts = cached[1].copy()
+    opts.name = kind
+    opts.durable = Durable(kind, (), {})
+    task.opts = opts
+    task.lane = lane
+    return task
+
+
 def decode_doc(
-    row: Row, registry: dict[str, Callable[..., Any]], clock: Clock, lanes: dict[str, Any]
+    row: Row,
+    registry: dict[str, Callable[..., Any]],
+    clock: Clock,
+    lanes: dict[str, Any],
+    cache: OptionsCache | None = None,
 ) -> Task:
-    """A task from its row (state, times and series restored); BadDoc if it cannot be."""
+    """A task from its row (state, times and series restored); BadDoc if it cannot be.
+
+    ``cache`` (one per recovery): the rows of a shared part share one ``opts`` dict
+    (see ``SQLiteStore.load``), decoded into Options once and copied for each task.
+    """
     doc = row.doc
     task_id = row.id[len(DEAD_PREFIX) :] if row.id.startswith(DEAD_PREFIX) else row.id
-    if doc.get("v") != FORMAT:
-        raise BadDoc(f"doc format {doc.get('v')!r} is not {FORMAT}")
+    version = doc.get("v")
+    if version not in _FORMATS or type(version) is not int:
+        raise BadDoc(f"doc format {version!r} is not one of {', '.join(map(str, _FORMATS))}")
     kind = doc.get("type")
     fn = registry.get(kind)  # type: ignore[arg-type]
     if fn is None:
         raise BadDoc(f"task type {kind!r} is not registered")
     from_epoch = clock.from_epoch
+    if version == 2 and len(doc) == _PLAIN_KEYS and cache is not None:
+        task = _decode_plain(row, task_id, doc, fn, kind, clock, lanes, cache)  # type: ignore[arg-type]
+        if task is not None:
+            return task
+    get = doc.get
     try:
-        args = tuple(doc["args"])
-        kwargs = dict(doc["kwargs"])
+        if version == 2:  # (the keys with their default are left out: see FORMAT)
+            args = tuple(get("args", ()))
+            kwargs = dict(get("kwargs", ()))
+            priority = get("priority", 0)
+            attempts = get("attempts", 0)
+        else:
+            args = tuple(doc["args"])
+            kwargs = dict(doc["kwargs"])
+            priority = doc["priority"]
+            attempts = doc["attempts"]
         o = doc["opts"]
         task = Task(fn, args, kwargs)
         task.id = task_id
         task.seq = row.seq
-        task.priority = int(doc["priority"])
+        task.priority = priority if type(priority) is int else int(priority)
         submitted = doc["submitted"]
         task.submitted_at = None if submitted is None else from_epoch(submitted)  # type: ignore[assignment]
         start = doc["start"]
         task.start = math.inf if start is None else from_epoch(start)
-        task.attempts = int(doc["attempts"])
+        task.attempts = attempts if type(attempts) is int else int(attempts)
         # A copy of the defaults (slots set one by one, as a builder's copy is), then
-        # the stored options over them.
-        opts = DEFAULT_OPTIONS.copy()
-        opts.timeout = o["timeout"]
-        opts.retries = _count(o["retries"])
-        backoff = _backoff_of(o["backoff"])
-        if backoff is not None:
-            opts.backoff = backoff
-        opts.jitter = float(o["jitter"])
-        mode = o["mode"]
-        opts.retry_mode = _MODES.get(mode) or RetryMode(mode)
-        opts.rules = tuple(
-            RetryRule(
-                tuple(_class_of(path) for path in rule["errors"]),
-                _count(rule["retries"]),
-                _backoff_of(rule["backoff"]),
-            )
-            for rule in o["rules"]
-        )
-        opts.ttl = o["ttl"]
-        opts.name = o["name"]
-        opts.tags = tuple(o["tags"])
-        opts.key = o["key"]
-        repeat = o["repeat"]
-        if repeat is not None:
-            until = repeat["until"]
-            opts.repeat = Repeat(
-                repeat["every"],
-                cron=repeat["cron"],
-                count=repeat["count"],
-                until=None if until is None else datetime.fromisoformat(until),
-                stop_on_error=repeat["stop_on_error"],
-            )
+        # the stored options over them: made once per shared part, then copied.
+        cached = None if cache is None else cache.get(id(o))
+        if cached is not None and cached[0] is o:
+            opts = cached[1].copy()
+        else:
+            template = _options_of(o)
+            if cache is not None and len(cache) < _MAX_CACHED:
+                cache[id(o)] = (o, template)
+            opts = template.copy()
+        if version == 2:
+            opts.name = get("name", kind)
+            tags = get("tags")
+            if tags:
+                opts.tags = tuple(tags)
+            opts.key = get("key")
+        else:
+            opts.name = o["name"]
+            opts.tags = tuple(o["tags"])
+            opts.key = o["key"]
+        if opts.repeat is not None:
             s = doc.get("series") or {}
             first = _mono(clock, s.get("first")) or task.start
             series = opts.series = Series(first)
             series.last_due = _mono(clock, s.get("last_due")) or first
             series.run = int(s.get("run", 0))
-        counts = doc.get("counts")
+        counts = get("counts")
         if counts is not None:
             opts.counts = RetryCounts(list(counts["rules"]), int(counts["default"]))
-        last_error = doc.get("last_error")
+        last_error = get("last_error")
         if last_error is not None:
             opts.last_error = stored_error(last_error)
         spec = opts.durable = Durable(kind, args, kwargs)  # type: ignore[arg-type]
-        spec.interrupts = int(doc.get("interrupts", 0))
+        interrupts = get("interrupts", 0)
+        spec.interrupts = interrupts if type(interrupts) is int else int(interrupts)
         task.opts = opts
-        executor = doc.get("executor", "threads")
+        executor = get("executor", "threads")
         lane = lanes.get(executor)
         if lane is None:
             raise BadDoc(f"executor {executor!r} is not one of this cluster's")

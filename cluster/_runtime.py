@@ -62,9 +62,11 @@ from ._durable import (
     MAX_INTERRUPTS,
     BadDoc,
     Durable,
+    OptionsCache,
     StoredError,
     decode_doc,
     encode,
+    encode_submitted,
     expires_at,
 )
 from ._errors import (
@@ -138,6 +140,10 @@ _LIVE: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 #: What a stored task's id is reserved with until the store's tasks come back.
 _STORED: Any = object()
+
+#: A ``submit_many`` of at least this many tasks on a cluster with a store runs with
+#: the cyclic collector paused (see ``submit_many``).
+_PAUSED_BATCH = 256
 
 
 class Leftovers:
@@ -320,20 +326,17 @@ class Runtime:
             raise
         self.store = store
         self._loaded: Loaded | None = loaded
-        newest = max((row.seq for row in loaded.rows), default=0)
+        rows = loaded.rows
+        newest = rows[-1].seq if rows else 0  # (rows are in (seq, id) order)
         newest = max([newest, *(b.seq for b in loaded.bad if b.seq is not None)])
         self.sched.start_seq_after(newest)  # new submissions come after every stored one
         from ._durable_ids import DEAD_PREFIX
 
         # Until run() brings them back, the stored tasks' ids are taken (a submit with
         # one of them is a DuplicateTaskError), and generated ids start past theirs.
-        numbered = 0
-        for row in loaded.rows:
-            if row.id.startswith(DEAD_PREFIX):
-                continue
-            self.sched.reserved[row.id] = _STORED
-            if row.id[:1] == "t" and row.id[1:].isdigit():
-                numbered = max(numbered, int(row.id[1:]))
+        ids = [row.id for row in rows if not row.id.startswith(DEAD_PREFIX)]
+        self.sched.reserved.update(dict.fromkeys(ids, _STORED))
+        numbered = max([int(i[1:]) for i in ids if i[:1] == "t" and i[1:].isdigit()], default=0)
         self.sched.start_ids_after(numbered)
         clock = self.clock
         self.sched.encode = lambda task, state: encode(task, clock, state)
@@ -386,17 +389,22 @@ class Runtime:
         dead: list[DeadRecord] = []
         waiting: list[Row] = []
         terminal = {s.value: s for s in TERMINAL}
+        cache: OptionsCache = {}  # the options of each shared part, decoded once
+        registry = self.registry
+        running_state = TaskState.RUNNING.value
+        retrying, pending = TaskState.RETRYING, TaskState.PENDING
         for row in rows:
-            kind = row.doc.get("type")
-            if isinstance(kind, str) and kind not in self.registry:
+            doc = row.doc
+            kind = doc.get("type")
+            if isinstance(kind, str) and kind not in registry:
                 waiting.append(row)
                 reason = f"task type {kind!r} is not registered (it comes back when it is)"
                 bad.append(BadRow(row.id, row.seq, row.state, reason))
                 continue
             try:
-                if row.doc.get("executor") == ASYNC and ASYNC not in lanes:
+                if ASYNC not in lanes and doc.get("executor") == ASYNC:
                     lanes[ASYNC] = self._async_lane()
-                task = decode_doc(row, self.registry, clock, lanes)
+                task = decode_doc(row, registry, clock, lanes, cache)
                 backend: Backend = task.lane.backend  # type: ignore[union-attr,assignment]
                 if backend.prepares and row.state not in terminal and row.state != "dead":
                     try:
@@ -422,10 +430,10 @@ class Runtime:
                     continue
                 task.state = terminal[state]
                 restored.append(task)
-            elif state == TaskState.RUNNING.value:
+            elif state == running_state:
                 self._interrupted(task, now, restored, dead, changes)
             else:
-                task.state = TaskState.RETRYING if state == "retrying" else TaskState.PENDING
+                task.state = retrying if state == "retrying" else pending
                 restored.append(task)
         if changes:  # persist, then act: committed before any of them can run
             self.store.write(  # type: ignore[union-attr]
@@ -438,13 +446,15 @@ class Runtime:
             for record in dead:
                 sched.restore_dead(record)
             held = {row.id for row in waiting}
+            reserved = sched.reserved
             for row in rows:
-                if row.id not in held and sched.reserved.get(row.id) is _STORED:
-                    del sched.reserved[row.id]
+                if reserved.get(row.id) is _STORED and row.id not in held:
+                    del reserved[row.id]
             running = self.state == RUNNING
+            ended = tuple(TERMINAL)  # (compared by identity: no enum __hash__ per task)
             for task in restored:
                 sched.restore(task, now)
-                if task.state not in TERMINAL:
+                if task.state not in ended:
                     self.unsettled += 1
                     sched.submitted += 1  # (accepted anew: the counters balance)
                     if running:  # (a type registered late)
@@ -771,7 +781,20 @@ class Runtime:
         failed commit undoes the reservations. Phase two, under the lock: the tasks
         are queued. A task whose row is committed is queued even if a stop began in
         between (the stop carries it to its Result, or cancels it).
+
+        A large batch on a cluster with a store is submitted with the collector
+        paused (``collector_paused``): its tasks, rows and handles, all long-lived,
+        would otherwise be walked by young collections again and again (a quarter of
+        a 10k ``submit_all``), and then promoted anyway. Not with ``max_pending``: the
+        wait for room may be long, and the collector must not stay off meanwhile.
         """
+        if self.store is not None and len(tasks) >= _PAUSED_BATCH and self.max_pending is None:
+            with collector_paused():
+                self._submit_many(tasks)
+        else:
+            self._submit_many(tasks)
+
+    def _submit_many(self, tasks: list[Task]) -> None:
         for task in tasks:
             lane = task.lane
             if lane is not None:
@@ -803,13 +826,15 @@ class Runtime:
             self._unreserve_locked(tasks)
             undo()
             raise
-        for task in tasks:
-            if task.opts.durable is not None and sched.encode is not None:
+        if sched.encode is not None:
+            durable = [task for task in tasks if task.opts.durable is not None]
+            for task in durable:
                 if task.start is None:
                     task.start = now
                 if task.start > now:
                     task.state = TaskState.DELAYED
-                sched._journal(task)
+            if durable:  # their rows, encoded in one pass (as sched._journal would)
+                sched.journal.extend(encode_submitted(durable, self.clock))
         return self.leftovers_locked()
 
     def _unreserve_locked(self, tasks: list[Task]) -> None:

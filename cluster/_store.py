@@ -4,11 +4,19 @@ The cluster keeps every task in memory. This module only stores rows and reads t
 back: it knows nothing of the scheduler. A row is a task id, its submission order
 (``seq``), an opaque ``state`` string and a JSON ``doc`` with everything else.
 
-File format (``PRAGMA application_id`` = ``APPLICATION_ID``, ``PRAGMA user_version`` = 1)::
+File format (``PRAGMA application_id`` = ``APPLICATION_ID``, ``PRAGMA user_version`` = 2)::
 
     task(id TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
-         doc TEXT NOT NULL)             -- doc: a JSON object, written by json, never pickle
+         doc TEXT NOT NULL,             -- doc: a JSON object, written by json, never pickle
+         part INTEGER)                  -- NULL, or the part.id of the rest of the doc
+    part(id INTEGER PRIMARY KEY NOT NULL, doc TEXT NOT NULL)  -- doc: a JSON object
     meta(key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)   -- value: JSON
+
+Shared parts (version 2): the keys that many rows have with the same values (the
+cluster's: a task's type, executor and most of its options, some 250 bytes) may be
+stored once, in ``part``, and referenced by the rows (``Row.part``). ``load()`` gives
+every row its whole doc: the part's keys, then the row's own. A part no row refers to
+any more is deleted at ``open()`` (when there are more than a few).
 
 The journal runs in WAL mode with ``synchronous=FULL``: a commit is fsynced before
 ``write()`` returns, so a ``kill -9`` or a power loss afterwards loses nothing (if the
@@ -81,7 +89,10 @@ __all__ = [
 APPLICATION_ID = 0x636C7374
 
 #: The layout this module writes. Older layouts are upgraded by ``_MIGRATIONS``.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: ``open()`` deletes the parts no row refers to when the file has more than these.
+_SWEEP_PARTS = 64
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -105,6 +116,11 @@ class Row:
     again. The cluster gives it for the rows of its tasks, whose docs it encodes
     part by part; the store does not check that it matches ``doc``. Rows from
     ``load()`` have none. It is not compared by ``==``.
+
+    ``part`` (only with ``text``): the JSON text of an object holding the rest of
+    ``doc``, keys that ``text`` leaves out and that many rows share. It is stored once
+    for all the rows that have the same text (see the module docstring), and ``load()``
+    gives the row back with ``doc`` = the part's keys, then ``text``'s. Not compared.
     """
 
     id: str
@@ -112,6 +128,7 @@ class Row:
     state: str
     doc: dict[str, Any]
     text: str | None = field(default=None, compare=False, repr=False)
+    part: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +176,19 @@ _SCHEMA_V1 = (
 _LAYOUTS: dict[int, dict[str, frozenset[str]]] = {
     0: {"task": frozenset({"id", "seq", "doc"}), "meta": frozenset({"key", "value"})},
     1: {"task": frozenset({"id", "seq", "state", "doc"}), "meta": frozenset({"key", "value"})},
+    2: {
+        "task": frozenset({"id", "seq", "state", "doc", "part"}),
+        "part": frozenset({"id", "doc"}),
+        "meta": frozenset({"key", "value"}),
+    },
 }
+
+_SCHEMA_V2 = (
+    "CREATE TABLE task (id TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
+    " state TEXT NOT NULL, doc TEXT NOT NULL, part INTEGER)",
+    "CREATE TABLE part (id INTEGER PRIMARY KEY NOT NULL, doc TEXT NOT NULL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+)
 
 
 def _upgrade_0_to_1(conn: sqlite3.Connection) -> None:
@@ -183,29 +212,51 @@ def _upgrade_0_to_1(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE task_v1 RENAME TO task")
 
 
+def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: the ``part`` table, and ``task.part`` (NULL: the rows of version
+    1 keep their whole docs, and read back as they did)."""
+    conn.execute("ALTER TABLE task ADD COLUMN part INTEGER")
+    conn.execute("CREATE TABLE part (id INTEGER PRIMARY KEY NOT NULL, doc TEXT NOT NULL)")
+
+
 #: ``_MIGRATIONS[v]`` upgrades a file from version ``v`` to ``v + 1``. ``open()`` runs
 #: every step from the file's version to ``FORMAT_VERSION`` in one transaction, then
 #: sets ``user_version``. A version 2 adds: its layout to ``_LAYOUTS``, its step here,
 #: its schema to ``_create``, ``FORMAT_VERSION = 2``, and a test that opens a file of
 #: each older version (written by raw SQL in the test, as the v0 one is).
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_upgrade_0_to_1,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _upgrade_0_to_1,
+    _upgrade_1_to_2,
+)
 
 
 def _create(conn: sqlite3.Connection) -> None:
     """The tables of a new store, at ``FORMAT_VERSION``."""
-    for statement in _SCHEMA_V1:
+    for statement in _SCHEMA_V2:
         conn.execute(statement)
 
 
+def _sweep_parts(conn: sqlite3.Connection) -> None:
+    """Delete the parts no row refers to, if there are more than ``_SWEEP_PARTS``
+    (in ``open()``'s transaction: the store is ours, nothing else writes)."""
+    (count,) = conn.execute("SELECT count(*) FROM part").fetchone()
+    if count > _SWEEP_PARTS:
+        conn.execute(
+            "DELETE FROM part WHERE id NOT IN (SELECT part FROM task WHERE part IS NOT NULL)"
+        )
+
+
 _UPSERT = (
-    "INSERT INTO task (id, seq, state, doc) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
-    " SET seq = excluded.seq, state = excluded.state, doc = excluded.doc"
+    "INSERT INTO task (id, seq, state, doc, part) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id)"
+    " DO UPDATE SET seq = excluded.seq, state = excluded.state, doc = excluded.doc,"
+    " part = excluded.part"
 )
+_PART_INSERT = "INSERT INTO part (id, doc) VALUES (?, ?)"
 _DELETE = "DELETE FROM task WHERE id = ?"
-_SELECT = "SELECT id, seq, state, doc FROM task"
+_SELECT = "SELECT id, seq, state, doc, part FROM task"
 # The last column: SQLite found the doc to be one JSON object (see _decode_rows).
 _SELECT_CHECKED = (
-    "SELECT id, seq, state, doc,"
+    "SELECT id, seq, state, doc, part,"
     " typeof(doc) = 'text' AND substr(doc, 1, 1) = '{' AND json_valid(doc) FROM task"
 )
 _META_UPSERT = (
@@ -305,7 +356,7 @@ def _never_free(obj: object) -> None:
 
 # --- group commit -------------------------------------------------------------------
 
-_Put = tuple[str, int, str, str]  # (id, seq, state, doc as JSON text)
+_Put = tuple[str, int, str, str, str | None]  # (id, seq, state, doc as JSON text, part)
 
 
 class _Batch:
@@ -384,6 +435,7 @@ class SQLiteStore:
         # Guards _conn's use and _meta, the committed meta values as JSON text.
         self._db_lock = threading.Lock()
         self._meta: dict[str, str] = {}
+        self._parts: dict[str, int] = {}  # the committed parts: JSON text -> part.id
         # Serialises open() and close() against each other.
         self._lifecycle = threading.Lock()
 
@@ -417,6 +469,7 @@ class SQLiteStore:
                 conn = self._connect(real, version)
                 try:
                     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                    parts = {text: id_ for id_, text in conn.execute("SELECT id, doc FROM part")}
                 except BaseException:
                     conn.close()
                     raise
@@ -431,6 +484,7 @@ class SQLiteStore:
             self._commit_time = 0.0
             self._recent, self._previous, self._peak = set(), set(), 0
             self._meta = meta
+            self._parts = parts
             self._writer = threading.Thread(
                 target=self._run, name=f"cluster-store-writer {self.path.name}", daemon=True
             )
@@ -482,6 +536,7 @@ class SQLiteStore:
                 else:
                     for step in _MIGRATIONS[version:]:
                         step(conn)
+                    _sweep_parts(conn)
                 if version != FORMAT_VERSION:
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
@@ -520,8 +575,9 @@ class SQLiteStore:
                     if "no such function" not in str(exc):
                         raise
                     raw = [(*row, 0) for row in conn.execute(_SELECT)]  # no JSON functions
+                part_texts = conn.execute("SELECT id, doc FROM part").fetchall()
                 meta = dict(self._meta)
-            rows, bad = _decode_rows(raw)
+            rows, bad = _decode_rows(raw, _decode_parts(part_texts))
             del raw
             _make_old()
         except sqlite3.OperationalError as exc:  # an I/O error
@@ -779,20 +835,37 @@ class SQLiteStore:
                     self._cond.notify_all()  # the writer thread, and close()
 
     def _commit(self, batch: _Batch) -> None:
-        puts: list[_Put] = []
+        puts: list[tuple[str, int, str, str, int | None]] = []
         deletes: list[tuple[str]] = []
         plain: list[Row] = []  # handed over by enqueue() without text: encoded here
+        known = self._parts  # (only the committing thread changes it, under _db_lock)
+        new_parts: dict[str, int] = {}  # this commit's, added to ``known`` once committed
+        next_part = 0
         for id_, row in batch.rows.items():
             if row is None:
                 deletes.append((id_,))
-            elif isinstance(row, tuple):
-                puts.append(row)
+                continue
+            if isinstance(row, tuple):
+                id_, seq, state, text, part = row
             elif row.text is not None:
-                puts.append((row.id, row.seq, row.state, row.text))
+                id_, seq, state, text, part = row.id, row.seq, row.state, row.text, row.part
             else:
                 plain.append(row)
+                continue
+            if part is None:
+                puts.append((id_, seq, state, text, None))
+                continue
+            ref = known.get(part)
+            if ref is None:
+                ref = new_parts.get(part)
+                if ref is None:
+                    if not next_part:
+                        next_part = max(known.values(), default=0) + 1
+                    ref = new_parts[part] = next_part
+                    next_part += 1
+            puts.append((id_, seq, state, text, ref))
         if plain:  # (by the committing thread)
-            puts.extend(_encode_puts(plain).values())
+            puts.extend((*put[:4], None) for put in _encode_puts(plain).values())
         meta_puts = [(key, text) for key, text in batch.meta.items() if text is not None]
         meta_deletes = [(key,) for key, text in batch.meta.items() if text is None]
         conn = self._conn
@@ -800,6 +873,8 @@ class SQLiteStore:
         with self._db_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if new_parts:
+                    conn.executemany(_PART_INSERT, [(ref, t) for t, ref in new_parts.items()])
                 if puts:
                     conn.executemany(_UPSERT, puts)
                 if deletes:
@@ -814,11 +889,12 @@ class SQLiteStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-            for key, text in batch.meta.items():
-                if text is None:
+            known.update(new_parts)
+            for key, value in batch.meta.items():
+                if value is None:
                     self._meta.pop(key, None)
                 else:
-                    self._meta[key] = text
+                    self._meta[key] = value
 
     # --- close ----------------------------------------------------------------------
 
@@ -1131,7 +1207,10 @@ def _encode_puts(puts: Sequence[Row]) -> dict[str, _Put]:
         if text is not None:  # encoded by the caller (the cluster's rows)
             if type(text) is not str:
                 raise TypeError(f"puts[{i}].text must be a str, got {type(text).__name__}")
-            out[id_] = (id_, seq, state, text)
+            part = row.part
+            if part is not None and type(part) is not str:
+                raise TypeError(f"puts[{i}].part must be a str, got {type(part).__name__}")
+            out[id_] = (id_, seq, state, text, part)
             continue
         try:
             text = encode(doc)
@@ -1141,7 +1220,7 @@ def _encode_puts(puts: Sequence[Row]) -> dict[str, _Put]:
             raise ValueError(
                 f"puts[{i}].doc (id {id_!r}) cannot be stored as JSON: {exc}"
             ) from None
-        out[id_] = (id_, seq, state, text)
+        out[id_] = (id_, seq, state, text, None)
     return out
 
 
@@ -1221,8 +1300,38 @@ def _make_old() -> None:
         gc.unfreeze()
 
 
-def _decode_rows(raw: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[list[Row], list[BadRow]]:
+def _decode_parts(raw: list[tuple[Any, Any]]) -> dict[int, dict[str, Any] | str]:
+    """The parts of ``SELECT id, doc FROM part``: id -> its object, or why it is unreadable."""
+    parts: dict[int, dict[str, Any] | str] = {}
+    for id_, text in raw:
+        if type(id_) is not int:
+            continue  # (no row refers to a part by a non-integer)
+        if type(text) is not str:
+            parts[id_] = f"its shared part {id_} is not text"
+            continue
+        try:
+            value = _decode(text)
+        except (ValueError, RecursionError) as exc:
+            parts[id_] = f"its shared part {id_} is not JSON: {exc}"
+            continue
+        if type(value) is dict:
+            parts[id_] = value
+        else:
+            parts[id_] = f"its shared part {id_} is a JSON {type(value).__name__}"
+    return parts
+
+
+_Raw = tuple[Any, Any, Any, Any, Any, Any]  # a row of _SELECT_CHECKED
+
+
+def _decode_rows(
+    raw: list[_Raw], parts: dict[int, dict[str, Any] | str] | None = None
+) -> tuple[list[Row], list[BadRow]]:
     """Rows from ``_SELECT_CHECKED``'s tuples, sorted by ``(seq, id)``; the bad ones aside.
+
+    ``parts``: the decoded ``part`` table (``_decode_parts``). A row with a part gets
+    the part's keys, then its own (a new dict per row; the part's values are shared
+    by every row of that part, not copied: the reader must not change them).
 
     The docs SQLite found to be JSON objects are decoded in one call, as one JSON
     array: a third faster than one call each, and the key strings are then shared by
@@ -1231,12 +1340,13 @@ def _decode_rows(raw: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[list[Row], 
     (any extension makes the call fail), so a decoded array splits where the docs do.
     Should it fail anyway, every doc is decoded on its own.
     """
+    parts = parts or {}
     rows: list[Row] = []
     bad: list[BadRow] = []
-    checked: list[tuple[Any, Any, Any, Any, Any]] = []
-    rest: list[tuple[Any, Any, Any, Any, Any]] = []
+    checked: list[_Raw] = []
+    rest: list[_Raw] = []
     for item in raw:
-        if item[4] and type(item[0]) is str and type(item[1]) is int and type(item[2]) is str:
+        if item[5] and type(item[0]) is str and type(item[1]) is int and type(item[2]) is str:
             checked.append(item)
         else:
             rest.append(item)
@@ -1248,15 +1358,32 @@ def _decode_rows(raw: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[list[Row], 
             values = []
         if len(values) != len(checked) or not all(type(value) is dict for value in values):
             values = []
+    append = rows.append
     if values:
-        rows = [
-            Row(item[0], item[1], item[2], value)
-            for item, value in zip(checked, values, strict=True)
-        ]
+        # Row(...) without the frozen dataclass's __init__ (a third of a row's cost
+        # here): a new instance, its slots set through their descriptors.
+        new, set_id, set_seq, set_state, set_doc, set_text, set_part = _ROW_MAKER
+        for item, value in zip(checked, values, strict=True):
+            part = item[4]
+            if part is not None:
+                shared = parts.get(part)
+                if type(shared) is not dict or type(part) is not int:
+                    _with_part(item, value, parts, rows, bad)
+                    continue
+                value = {**shared, **value}
+            row = new(Row)
+            set_id(row, item[0])
+            set_seq(row, item[1])
+            set_state(row, item[2])
+            set_doc(row, value)
+            set_text(row, None)
+            set_part(row, None)
+            append(row)
     else:
         rest = raw
     decode = _decode
-    for id_, seq, state, doc, _ in rest:
+    for item in rest:
+        id_, seq, state, doc, part, _ = item
         if type(id_) is str and type(seq) is int and type(state) is str and type(doc) is str:
             try:
                 value = decode(doc)
@@ -1266,15 +1393,41 @@ def _decode_rows(raw: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[list[Row], 
             except RecursionError:
                 bad.append(BadRow(id_, seq, state, "doc is nested too deeply"))
                 continue
-            if type(value) is dict:
-                rows.append(Row(id_, seq, state, value))
-            else:
+            if type(value) is not dict:
                 bad.append(BadRow(id_, seq, state, f"doc is a JSON {type(value).__name__}"))
+            elif part is None:
+                append(Row(id_, seq, state, value))
+            else:
+                _with_part(item, value, parts, rows, bad)
         else:
             bad.append(_bad_columns(id_, seq, state, doc))
     rows.sort(key=_order)
     bad.sort(key=_bad_order)
     return rows, bad
+
+
+#: ``object.__new__`` and the ``__set__`` of each of ``Row``'s slots, in field order.
+_ROW_MAKER: tuple[Callable[..., Any], ...] = (
+    object.__new__,
+    *(Row.__dict__[name].__set__ for name in ("id", "seq", "state", "doc", "text", "part")),
+)
+
+
+def _with_part(
+    item: _Raw,
+    value: dict[str, Any],
+    parts: dict[int, dict[str, Any] | str],
+    rows: list[Row],
+    bad: list[BadRow],
+) -> None:
+    """The row of ``item`` (its own doc decoded: ``value``) with its part's keys first."""
+    part = item[4]
+    shared = parts.get(part) if type(part) is int else None
+    if type(shared) is dict:
+        rows.append(Row(item[0], item[1], item[2], {**shared, **value}))
+    else:
+        reason = shared if type(shared) is str else f"its shared part {part!r} is missing"
+        bad.append(BadRow(item[0], item[1], item[2], reason))
 
 
 def _bad_columns(id_: object, seq: object, state: object, doc: object) -> BadRow:

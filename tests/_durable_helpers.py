@@ -131,9 +131,18 @@ def read_rows(path: Path) -> dict[str, tuple[int, str, Any]]:
     conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=WAIT)
     try:
         out: dict[str, tuple[int, str, Any]] = {}
-        for id_, seq, state, doc in conn.execute("SELECT id, seq, state, doc FROM task"):
+        try:  # (format 2: a row's shared part, if any, is the rest of its doc)
+            found = conn.execute(
+                "SELECT t.id, t.seq, t.state, t.doc, p.doc FROM task t"
+                " LEFT JOIN part p ON p.id = t.part"
+            ).fetchall()
+        except sqlite3.OperationalError:  # an older format: no part table
+            found = [(*row, None) for row in conn.execute("SELECT id, seq, state, doc FROM task")]
+        for id_, seq, state, doc, part in found:
             try:
                 value = json.loads(doc)
+                if part is not None:
+                    value = {**json.loads(part), **value}
             except (TypeError, ValueError):
                 value = doc
             out[id_] = (seq, state, value)

@@ -124,15 +124,16 @@ def check_seed(tmp_path: Path, seed: int) -> None:
             started.add(line["id"])
     assert not child.stderr().strip(), f"{where}: the child wrote on stderr: {child.stderr()}"
 
-    # What the file holds now, for the order check: the rows due at the restart.
+    # What the file holds now, for the order check: the rows due at the restart (a
+    # format 2 doc leaves out a priority or an attempt count of 0).
     stored = read_rows(path) if path.exists() else {}
     read_at = time.time()
     due = sorted(
         (
-            (-doc["priority"], doc["start"], seq, tid)
+            (-doc.get("priority", 0), doc["start"], seq, tid)
             for tid, (seq, state, doc) in stored.items()
             if state in ("pending", "delayed")
-            and doc["attempts"] == 0
+            and doc.get("attempts", 0) == 0
             and doc["opts"]["repeat"] is None
             and doc["start"] is not None
             and doc["start"] < read_at

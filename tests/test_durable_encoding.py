@@ -30,9 +30,12 @@ from cluster import (
     LinearBackoff,
     SQLiteStore,
     StoreWriteError,
+    TaskState,
+    _durable,
+    _store,
 )
 from cluster._clock import SystemClock
-from cluster._durable import decode_doc
+from cluster._durable import decode_doc, encode
 from cluster._store import Row, Ticket, _encode
 from cluster.testing import FakeClock
 
@@ -88,11 +91,18 @@ OpenCluster = Callable[..., Cluster]
 
 
 def check_texts(rows: list[Row]) -> None:
-    """Every row has a text, and it is the JSON of its doc."""
+    """Every row has a text, and it is the JSON of its doc: of the keys of its shared
+    part (``Row.part``, the JSON of the doc's first keys) if it has one, else all."""
     assert rows
     for row in rows:
         assert row.text is not None, row
-        assert row.text == _encode(row.doc), row.id
+        if row.part is None:
+            assert row.text == _encode(row.doc), row.id
+            continue
+        shared = json.loads(row.part)
+        assert list(row.doc)[: len(shared)] == list(shared), row.id
+        assert row.part == _encode({k: row.doc[k] for k in shared}), row.id
+        assert row.text == _encode({k: v for k, v in row.doc.items() if k not in shared})
 
 
 def add(a: int, b: int = 0) -> int:
@@ -162,22 +172,34 @@ def test_epoch_seconds_have_no_datetime_range_limit() -> None:
 # ----------------------------------------------------------------------------- the text
 
 
-def test_a_plain_tasks_row_is_byte_for_byte_the_format_1_doc(
+def test_a_plain_tasks_row_is_byte_for_byte_the_format_2_doc(
     clusters: OpenCluster, tmp_path: Path
 ) -> None:
     path = tmp_path / "t.db"
     c = clusters(path, clock=FakeClock(START))
     c.register("add", add)
     h = c.add_task("add", 1, b=2).with_id("one").submit()
+    c.add_task("add", 3).with_id("two").submit()  # (the same options: the same part)
     epoch = repr(START.timestamp())
     assert stored(path)[h.id] == (
         "pending",
-        '{"v":1,"type":"add","args":[1],"kwargs":{"b":2},"submitted":' + epoch + ","
-        '"executor":"threads","opts":{"timeout":null,"retries":0,'
-        '"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,"mode":"requeue","rules":[],'
-        '"ttl":null,"name":"add","tags":[],"key":null,"repeat":null},"priority":0,'
-        '"start":' + epoch + ',"attempts":0,"interrupts":0,"counts":null}',
-    )
+        '{"v":2,"args":[1],"kwargs":{"b":2},"submitted":' + epoch + ',"start":' + epoch + "}",
+    )  # (name, tags, key, priority, attempts, interrupts, counts: their defaults, left out)
+    conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=WAIT)
+    try:
+        parts = conn.execute("SELECT id, doc FROM part").fetchall()
+        refs = dict(conn.execute("SELECT id, part FROM task").fetchall())
+    finally:
+        conn.close()
+    assert parts == [
+        (
+            1,
+            '{"type":"add","executor":"threads","opts":{"timeout":null,"retries":0,'
+            '"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,"mode":"requeue","rules":[],'
+            '"ttl":null,"repeat":null}}',
+        )
+    ]
+    assert refs == {"one": 1, "two": 1}
 
 
 def test_every_row_of_a_run_to_success_is_the_json_of_its_doc(
@@ -389,3 +411,160 @@ def test_stored_times_come_back_on_a_fake_clock_with_the_same_start(
     info = again.info(h.id)
     assert info.start_at == datetime.fromtimestamp(START.timestamp() + 90, UTC)
     assert info.submitted_at == START
+
+
+# ----------------------------------------------------------------------------- format 1 files
+
+
+def v1_doc(args: list[Any], opts: str, state_keys: str, epoch: str) -> str:
+    """A doc as format 1 wrote it: every key in the row, name, tags and key in opts."""
+    return (
+        f'{{"v":1,"type":"add","args":{json.dumps(args)},"kwargs":{{}},"submitted":{epoch},'
+        f'"executor":"threads","opts":{{{opts}}},{state_keys}}}'
+    )
+
+
+def test_a_store_written_in_format_1_opens_and_its_tasks_come_back(
+    clusters: OpenCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.db"
+    epoch = repr(START.timestamp() - 10)
+    plain = (
+        '"timeout":null,"retries":0,"backoff":{"kind":"fixed","delay":0.0},"jitter":0.0,'
+        '"mode":"requeue","rules":[],"ttl":3600.0,"name":"add","tags":["t"],"key":"k1",'
+        '"repeat":null'
+    )
+    retried = plain.replace('"retries":0', '"retries":2').replace('"k1"', "null")
+    rows = [
+        (
+            "one",
+            1,
+            "pending",
+            v1_doc(
+                [1, 2],
+                plain,
+                f'"priority":5,"start":{epoch},"attempts":0,"interrupts":0,"counts":null',
+                epoch,
+            ),
+        ),
+        (
+            "two",
+            2,
+            "running",
+            v1_doc(
+                [3, 4],
+                retried,
+                f'"priority":0,"start":{epoch},"attempts":1,"interrupts":0,"counts":null',
+                epoch,
+            ),
+        ),
+    ]
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in _store._SCHEMA_V1:
+            conn.execute(statement)
+        conn.executemany("INSERT INTO task VALUES (?, ?, ?, ?)", rows)
+        conn.execute(f"PRAGMA application_id = {_store.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+    finally:
+        conn.close()
+    c = clusters(path, clock=FakeClock(START))
+    c.register("add", add)
+    c.run()
+    assert c.wait_idle(WAIT)
+    one, two = c.info("one"), c.info("two")
+    assert (one.priority, one.name, one.tags, one.key) == (5, "add", ("t",), "k1")
+    assert (one.state, one.value, one.attempts) == (TaskState.SUCCEEDED, 3, 1)
+    # It was running: interrupted, then retried (the interrupted attempt counts).
+    assert (two.state, two.value, two.attempts) == (TaskState.SUCCEEDED, 7, 2)
+    assert c.unrecovered == []
+    c.stop(timeout=WAIT)
+    # The rows it wrote since are of format 2; reopened, everything reads back.
+    c2 = clusters(path, clock=FakeClock(START))
+    c2.register("add", add)
+    c2.run()
+    assert (c2.info("one").value, c2.info("two").value) == (3, 7)
+    assert c2.info("one").key == "k1" and c2.unrecovered == []
+
+
+def test_the_rows_of_a_submit_all_are_those_encode_makes(
+    clusters: OpenCluster, tmp_path: Path
+) -> None:
+    # submit_all encodes its tasks' rows in one pass (encode_submitted): each must be
+    # the row encode() makes of the same task, text, part and doc alike.
+    store = RecordingStore(tmp_path / "t.db")
+    clock = FakeClock(START)
+    c = clusters(store, clock=clock)
+    c.register("add", add)
+    c.register("echo", echo)
+    builders = [
+        c.add_task("add", 1),
+        c.add_task("add", 1, b=2).with_priority(3),
+        c.add_task("add", a=1).with_priority(-2).with_delay(60),
+        c.add_task("echo", {"x": [1, "é"]}).with_name("custom name"),
+        c.add_task("echo", 1).with_tags("t").with_key("k"),  # (through encode itself)
+        c.add_task("echo", 2).with_retry(3).with_backoff(ExponentialBackoff(1.0)).with_timeout(5),
+        c.add_task("add", 4).with_id("given").with_cache(60),
+    ]
+    handles = c.submit_all(builders)
+    rows = {row.id: row for row in store.rows}
+    assert len(rows) == len(builders)
+    check_texts(list(rows.values()))
+    for h in handles:
+        task = h._task
+        spec = task.opts.durable
+        assert spec is not None
+        spec.static = spec.prefix = spec.part = None  # made afresh by encode
+        again = encode(task, c._rt.clock)
+        row = rows[h.id]
+        assert (row.id, row.seq, row.state) == (again.id, again.seq, again.state)
+        assert (row.text, row.part, row.doc) == (again.text, again.part, again.doc), h.id
+        assert list(row.doc) == list(again.doc)
+
+
+def test_a_plain_row_decodes_the_same_through_the_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows that share a part and have only the plain keys are decoded by a shortcut
+    # (_decode_plain, with decode_doc's cache); it must make the task the long way does.
+    def build(c: Cluster) -> None:
+        for _ in range(3):
+            c.add_task("add").with_delay(3600).with_retry(2).submit()
+        c.add_task("add", 7).with_delay(3600).submit()  # (not plain: arguments)
+        c.add_task("add").with_priority(2).with_timeout(3).submit()
+
+    rows = stored_rows(tmp_path / "t.db", build)
+    assert sum(len(row.doc) == 6 for row in rows) >= 3
+    lanes = {"threads": object()}
+    clock = SystemClock()
+    cache: dict[int, Any] = {}
+    shortcut = _durable._decode_plain
+    taken: list[object] = []
+
+    def counted(*args: Any) -> Any:
+        task = shortcut(*args)
+        taken.append(task)
+        return task
+
+    monkeypatch.setattr(_durable, "_decode_plain", counted)
+    fast = [decode_doc(row, {"add": add}, clock, lanes, cache) for row in rows]
+    assert sum(task is not None for task in taken) == 2  # (the first of the part: the long way)
+    monkeypatch.undo()
+    slow = [decode_doc(row, {"add": add}, clock, lanes) for row in rows]
+    slots = [name for name in type(fast[0].opts).__slots__ if name != "durable"]
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.id, a.seq, a.priority, a.start, a.submitted_at, a.attempts, a.state) == (
+            b.id, b.seq, b.priority, b.start, b.submitted_at, b.attempts, b.state
+        )  # fmt: skip
+        assert (a.fn, a.args, a.kwargs, a.lane, a.finished_at) == (
+            b.fn, b.args, b.kwargs, b.lane, b.finished_at
+        )  # fmt: skip
+        for name in slots:
+            x, y = getattr(a.opts, name), getattr(b.opts, name)
+            assert x == y or (name == "backoff" and type(x) is type(y)), name
+        da, db = a.opts.durable, b.opts.durable
+        assert da is not None and db is not None
+        assert (da.kind, da.args, da.kwargs, da.interrupts, da.recorded) == (
+            db.kind, db.args, db.kwargs, db.interrupts, db.recorded
+        )  # fmt: skip

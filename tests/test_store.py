@@ -60,6 +60,10 @@ def stores() -> Iterator[Callable[[Path], SQLiteStore]]:
 OpenStore = Callable[[Path], SQLiteStore]
 
 
+#: A row's columns as raw SQL plants them (those of every format since version 1).
+INSERT_V1 = "INSERT INTO task (id, seq, state, doc)"
+
+
 def row(id_: str, seq: int = 0, state: str = "pending", **doc: Any) -> Row:
     return Row(id_, seq, state, doc)
 
@@ -818,9 +822,9 @@ def test_a_row_whose_doc_does_not_decode_is_returned_aside_and_kept(tmp_path: Pa
     }
     with contextlib.closing(raw(path)) as conn:
         for id_, (seq, doc) in planted.items():
-            conn.execute("INSERT INTO task VALUES (?, ?, 'pending', ?)", (id_, seq, doc))
-        conn.execute("INSERT INTO task VALUES ('blob', 17, 'pending', x'7b7d')")
-        conn.execute("INSERT INTO task VALUES ('badseq', 'abc', 'pending', '{}')")
+            conn.execute(f"{INSERT_V1} VALUES (?, ?, 'pending', ?)", (id_, seq, doc))
+        conn.execute(f"{INSERT_V1} VALUES ('blob', 17, 'pending', x'7b7d')")
+        conn.execute(f"{INSERT_V1} VALUES ('badseq', 'abc', 'pending', '{{}}')")
     store.open()
     try:
         loaded = store.load()
@@ -846,7 +850,7 @@ def test_a_bad_row_can_be_deleted_by_its_id(tmp_path: Path) -> None:
     store.write([row("good")])
     store.close()
     with contextlib.closing(raw(path)) as conn:
-        conn.execute("INSERT INTO task VALUES ('bad', 1, 'pending', '{')")
+        conn.execute(f"{INSERT_V1} VALUES ('bad', 1, 'pending', '{{')")
     store.open()
     try:
         (bad,) = store.load().bad
@@ -1109,7 +1113,7 @@ def test_a_version_0_store_is_upgraded_keeping_every_row(tmp_path: Path) -> None
     with contextlib.closing(raw(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
         columns = [r[1] for r in conn.execute("PRAGMA table_info(task)")]
-        assert columns == ["id", "seq", "state", "doc"]
+        assert columns == ["id", "seq", "state", "doc", "part"]
         assert conn.execute("SELECT doc FROM task WHERE id = 'bad'").fetchone()[0] == (
             '{"state":"pen'
         )
@@ -1133,6 +1137,181 @@ def test_a_failed_upgrade_leaves_the_file_as_it_was(
     assert snapshot(tmp_path) == before
     monkeypatch.undo()
     assert reopen_ids(path) == {"a", "b", "nostate"}
+
+
+def make_v1(path: Path) -> None:
+    """A store of format version 1, as that version wrote it (no part table)."""
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in _store._SCHEMA_V1:
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO task VALUES (?, ?, ?, ?)",
+            [
+                ("a", 2, "pending", '{"name":"x","args":[1]}'),
+                ("b", 1, "running", '{"name":"y"}'),
+                ("bad", 3, "pending", '{"name":'),
+            ],
+        )
+        conn.execute("INSERT INTO meta VALUES ('next_seq', '4')")
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+
+
+def test_a_version_1_store_is_upgraded_keeping_every_row_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    make_v1(path)
+    with contextlib.closing(raw(path)) as conn:
+        before = conn.execute("SELECT id, seq, state, doc FROM task ORDER BY id").fetchall()
+    store = SQLiteStore(path)
+    store.open()
+    try:
+        loaded = store.load()
+        assert loaded.rows == [
+            Row("b", 1, "running", {"name": "y"}),
+            Row("a", 2, "pending", {"name": "x", "args": [1]}),
+        ]
+        assert [(b.id, b.seq, b.state) for b in loaded.bad] == [("bad", 3, "pending")]
+        assert store.meta() == {"next_seq": 4}
+        # New rows, with a shared part, go next to the old ones.
+        store.write([Row("c", 5, "pending", {"p": 1, "own": 2}, '{"own":2}', '{"p":1}')])
+    finally:
+        store.close()
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 2
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(task)")]
+        assert columns == ["id", "seq", "state", "doc", "part"]
+        after = conn.execute(
+            "SELECT id, seq, state, doc FROM task WHERE part IS NULL ORDER BY id"
+        ).fetchall()
+        assert after == before  # the old rows are not rewritten
+    assert reopen_ids(path) == {"a", "b", "c"}
+
+
+def test_a_failed_upgrade_from_version_1_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.db"
+    make_v1(path)
+    before = snapshot(tmp_path)
+
+    def upgrade_then_fail(conn: sqlite3.Connection) -> None:
+        _store._upgrade_1_to_2(conn)
+        raise RuntimeError("boom in the middle of the upgrade")
+
+    monkeypatch.setattr(_store, "_MIGRATIONS", (_store._upgrade_0_to_1, upgrade_then_fail))
+    with pytest.raises(RuntimeError, match="boom"):
+        SQLiteStore(path).open()
+    assert snapshot(tmp_path) == before
+    monkeypatch.undo()
+    assert reopen_ids(path) == {"a", "b"}
+
+
+def shared(id_: str, seq: int, part: dict[str, Any], own: dict[str, Any]) -> Row:
+    """A row whose doc is ``part``'s keys (stored once, shared), then ``own``'s."""
+    return Row(id_, seq, "pending", {**part, **own}, _store.dumps(own), _store.dumps(part))
+
+
+def test_rows_with_the_same_part_share_one_stored_copy(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    big = {"type": "send", "opts": {"retries": 3, "backoff": [1.0, 2.0]}}
+    other = {"type": "other"}
+    with SQLiteStore(path) as store:
+        store.write([shared(f"r{i}", i, big, {"n": i}) for i in range(5)])
+        store.write([shared("o", 9, other, {"n": 9}), shared("r5", 5, big, {"n": 5})])
+        store.write([Row("plain", 10, "pending", {"n": 10})])
+        expected = [Row(f"r{i}", i, "pending", {**big, "n": i}) for i in range(6)]
+        expected += [Row("o", 9, "pending", {"type": "other", "n": 9})]
+        expected += [Row("plain", 10, "pending", {"n": 10})]
+        loaded = store.load()
+        assert loaded.rows == expected and not loaded.bad
+        assert list(loaded.rows[0].doc) == ["type", "opts", "n"]  # the part's keys first
+        # Every row of a part shares its values (not copied per row).
+        assert loaded.rows[0].doc["opts"] is loaded.rows[4].doc["opts"]
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM part").fetchone()[0] == 2
+        refs = dict(conn.execute("SELECT id, part FROM task"))
+    assert len({refs[f"r{i}"] for i in range(6)}) == 1 and refs["plain"] is None
+    with SQLiteStore(path) as store:  # reopened: the parts are known, not added again
+        store.write([shared("r6", 6, big, {"n": 6})])
+        assert store.load().rows[6] == Row("r6", 6, "pending", {**big, "n": 6})
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM part").fetchone()[0] == 2
+
+
+def test_a_failed_commit_adds_no_part_and_the_next_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.db"
+    part = {"type": "send"}
+    with SQLiteStore(path) as store:
+        conn = store._conn
+        assert conn is not None
+        real: sqlite3.Connection = conn
+
+        class Failing:
+            """The connection, but the commit fails once."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                if sql == "COMMIT":
+                    store._conn = real
+                    raise sqlite3.OperationalError("disk I/O error")
+                return real.execute(sql, *args)
+
+        store._conn = Failing()  # type: ignore[assignment]
+        with pytest.raises(StoreWriteError):
+            store.write([shared("a", 1, part, {"n": 1})])
+        assert store._parts == {}
+        store.write([shared("b", 2, part, {"n": 2})])
+        assert store.load().rows == [Row("b", 2, "pending", {"type": "send", "n": 2})]
+    assert reopen_ids(path) == {"b"}
+
+
+def test_a_row_whose_part_is_missing_or_unreadable_is_kept_aside(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        store.write([shared("a", 1, {"x": 1}, {"n": 1}), shared("b", 2, {"y": 2}, {"n": 2})])
+        store.write([shared("c", 3, {"x": 1}, {"n": 3})])
+    with contextlib.closing(raw(path)) as conn:
+        (pa,) = conn.execute("SELECT part FROM task WHERE id = 'a'").fetchone()
+        (pb,) = conn.execute("SELECT part FROM task WHERE id = 'b'").fetchone()
+        conn.execute("UPDATE part SET doc = '[1]' WHERE id = ?", (pb,))
+        conn.execute("DELETE FROM part WHERE id = ?", (pa,))
+        conn.execute(f"{INSERT_V1[:-1]}, part) VALUES ('d', 4, 'pending', '{{\"n\":4}}', 'zz')")
+    with SQLiteStore(path) as store:
+        loaded = store.load()
+        assert loaded.rows == []
+        reasons = {b.id: b.reason for b in loaded.bad}
+        assert reasons == {
+            "a": f"its shared part {pa} is missing",
+            "c": f"its shared part {pa} is missing",
+            "b": f"its shared part {pb} is a JSON list",
+            "d": "its shared part 'zz' is missing",
+        }
+    with contextlib.closing(raw(path)) as conn:  # nothing was deleted
+        assert conn.execute("SELECT count(*) FROM task").fetchone()[0] == 4
+
+
+def test_open_deletes_the_parts_no_row_refers_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_store, "_SWEEP_PARTS", 2)
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        store.write([shared(f"r{i}", i, {"k": i}, {"n": i}) for i in range(5)])
+        store.write(deletes=["r0", "r1", "r2"])
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM part").fetchone()[0] == 5
+    with SQLiteStore(path) as store:
+        assert store.load().rows == [Row(f"r{i}", i, "pending", {"k": i, "n": i}) for i in (3, 4)]
+        store.write([shared("r9", 9, {"k": 0}, {"n": 9})])  # a part again, a new id
+        assert store.load().rows[-1] == Row("r9", 9, "pending", {"k": 0, "n": 9})
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM part").fetchone()[0] == 3
+    assert reopen_ids(path) == {"r3", "r4", "r9"}
 
 
 def test_every_released_version_has_an_upgrade_step() -> None:
