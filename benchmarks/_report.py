@@ -7,16 +7,18 @@ table shows the median of the samples with their min-max.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 DASH = "\u2013"  # en dash, for "min-max" ranges in the table
@@ -144,3 +146,47 @@ def write_json(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+#: A scenario: ``(repeats, quick) -> rows``.
+Scenario = Callable[[int, bool], list[Row]]
+
+
+def run_main(
+    prog: str,
+    description: str,
+    title: str,
+    scenarios: dict[str, Scenario],
+    footnote: str,
+    argv: Sequence[str] | None,
+) -> int:
+    """The command line of a benchmark module: run its scenarios, print the table (and
+    write the JSON); 0 unless an outcome was wrong (that raises ``BenchmarkError``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per scenario (3; quick 1)")
+    parser.add_argument("--only", action="append", default=[], choices=sorted(scenarios))
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the rows here")  # fmt: skip
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    print(header_line(title, args.quick, repeats), flush=True)
+    rows: list[Row] = []
+    for name, fn in scenarios.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"  {name} ...", end="", file=sys.stderr, flush=True)
+        t0 = perf_counter()
+        rows.extend(fn(repeats, args.quick))
+        print(f" {perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    print(footnote)
+    missed = [f"{r.scenario}: {r.metric}" for r in rows if r.ok is False]
+    if missed:
+        print("missed:", "; ".join(missed))
+    if args.json is not None:
+        write_json(args.json, title, sys.argv[1:] if argv is None else argv, args.quick, rows)
+        print(f"wrote {args.json}")
+    return 0

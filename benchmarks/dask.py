@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import _tasks
+from benchmarks._report import DASH
 from cluster import Cluster
 
-DASH = "\u2013"
 GOAL = 1.2
 QUICK_N = 300
 

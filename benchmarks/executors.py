@@ -30,9 +30,9 @@ from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 from benchmarks import _tasks
+from benchmarks._report import DASH
 from cluster import Cluster, ProcessExecutor, TaskTimeoutError
 
-DASH = "\u2013"  # en dash, for "min-max" ranges in the table
 Row = tuple[str, str, list[float], list[float] | None, str]  # scenario, metric, ours, anchor, goal
 
 

@@ -38,6 +38,7 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import Any
 
+from benchmarks._report import DASH, fmt
 from benchmarks.baselines import BlockedExecutor, PlainPool
 
 #: A runner's output: one value per metric, or several samples of it taken in one run.
@@ -47,7 +48,6 @@ Runner = Callable[[int], Metrics]
 IMPLS = ("cluster", "tpe", "plain")
 DEFAULT_REPEATS = 3
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-DASH = "\u2013"  # en dash, for "min-max" ranges in the table
 STOP_TIMEOUT = 600.0  # generous bound on a graceful stop, so a bug cannot hang the run
 HOUR = 3600.0
 SMALL_BATCH = 1000  # submits timed into an empty queue and on top of the backlog
@@ -763,19 +763,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _fmt(value: float) -> str:
-    magnitude = abs(value)
-    if magnitude >= 10_000:
-        return f"{value:,.0f}"
-    if magnitude >= 100:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    if magnitude >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
 def format_table(results: Sequence[ScenarioResult]) -> str:
     """The results table: medians [min-max] and the cluster/tpe ratio."""
     header = (
@@ -806,10 +793,10 @@ def format_table(results: Sequence[ScenarioResult]) -> str:
                     cells.append("—")
                 elif impl == "cluster":
                     cells.append(
-                        f"{_fmt(stat['median'])} [{_fmt(stat['min'])}{DASH}{_fmt(stat['max'])}]"
+                        f"{fmt(stat['median'])} [{fmt(stat['min'])}{DASH}{fmt(stat['max'])}]"
                     )
                 else:
-                    cells.append(_fmt(stat["median"]))
+                    cells.append(fmt(stat["median"]))
             cells.append(f"{ratios[metric]:.2f}x" if metric in ratios else "—")
             rows.append(tuple(cells))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]

@@ -31,13 +31,11 @@ marked MISSED in the table, and the exit status is 0 either way.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from time import perf_counter
 
 from benchmarks._report import (
@@ -45,10 +43,8 @@ from benchmarks._report import (
     BenchmarkError,
     Row,
     check,
-    format_table,
-    header_line,
     percentile,
-    write_json,
+    run_main,
 )
 from cluster import Cluster, ExponentialBackoff
 from cluster.testing import FakeClock
@@ -210,38 +206,15 @@ SCENARIOS: dict[str, Callable[[int, bool], list[Row]]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the scenarios, print the table (and write the JSON); 0 unless an outcome
-    was wrong (that raises ``BenchmarkError``)."""
-    parser = argparse.ArgumentParser(
-        prog="python3 -m benchmarks.semantics", description=__doc__.split("\n\n")[0]
+    """Run the scenarios, print the table (and write the JSON): see ``run_main``."""
+    return run_main(
+        "python3 -m benchmarks.semantics",
+        __doc__.split("\n\n")[0],
+        TITLE,
+        SCENARIOS,
+        f"median [min{DASH}max] over the repeats; lower is better.",
+        argv,
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per scenario (3; quick 1)")
-    parser.add_argument("--only", action="append", default=[], choices=sorted(SCENARIOS))
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the rows here")  # fmt: skip
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
-    if repeats < 1:
-        parser.error("--repeats must be >= 1")
-    print(header_line(TITLE, args.quick, repeats), flush=True)
-    rows: list[Row] = []
-    for name, fn in SCENARIOS.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"  {name} ...", end="", file=sys.stderr, flush=True)
-        t0 = perf_counter()
-        rows.extend(fn(repeats, args.quick))
-        print(f" {perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    print(format_table(rows))
-    print(f"median [min{DASH}max] over the repeats; lower is better.")
-    missed = [f"{r.scenario}: {r.metric}" for r in rows if r.ok is False]
-    if missed:
-        print("missed:", "; ".join(missed))
-    if args.json is not None:
-        write_json(args.json, TITLE, sys.argv[1:] if argv is None else argv, args.quick, rows)
-        print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 
 from ._backend import Backend, join_threads
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, plan
-from ._delivery import clear_frames, deliver_sinks, has_callbacks, run_callbacks
+from ._delivery import deliver_sinks, has_callbacks, run_callbacks
 from ._slots import _drop_frame
 from ._task import _CURRENT, DEFAULT_OPTIONS, Result, Task, TaskContext, TaskState
 
@@ -383,12 +383,12 @@ class AsyncBackend(Backend):
                     deliver_sinks(task)
                     with rt.lock:
                         if callbacks:  # plain functions, maybe slow: not on the loop
-                            rt.runners.submit_locked(_callbacks_then_release, task, None)
+                            rt.runners.submit_locked(rt.callbacks_then_release, task, None)
                         self._owed -= 1
                         rt.settle_locked(0)  # a stop() may wait for this delivery
                 if not callbacks:
                     if task._error is not None and sched.dead_limit:
-                        clear_frames(task.error)  # a dead letter
+                        rt.seal_dead(task)  # a dead letter: its text made, its frames cleared
                     task.release()
                 return
             if code != SLEEP:
@@ -406,10 +406,3 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 def _run_callbacks(job: tuple[Task, Result[Any]]) -> None:
     run_callbacks(*job)
-
-
-def _callbacks_then_release(task: Task) -> None:
-    run_callbacks(task)
-    if task._error is not None and task.state is not TaskState.CANCELLED:
-        clear_frames(task.error)  # a dead letter, its Result delivered
-    task.release()

@@ -76,7 +76,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 from ._backend import Backend, join_threads
 from ._child import _error_records, _load_error
 from ._core import DONE, REQUEUED, RUN_ENDED, SLEEP, STALE, plan
-from ._delivery import clear_frames, deliver_sinks, has_callbacks, run_callbacks
+from ._delivery import deliver_sinks, has_callbacks, run_callbacks
 from ._errors import ClusterError, StopRetrying, WorkerCrashedError
 from ._listing import fn_name
 from ._slots import _drop_frame
@@ -637,7 +637,7 @@ class DaskExecutor(Backend):
                     rt.wake_lanes_locked()
                 for task in done:
                     if has_callbacks(task):
-                        rt.runners.submit_locked(_callbacks_then_release, task, None)
+                        rt.runners.submit_locked(rt.callbacks_then_release, task, None)
                 for job in callbacks:
                     rt.runners.submit_locked(_run_callbacks, job, None)
                 due = sched.next_due(lane)
@@ -896,7 +896,7 @@ class DaskExecutor(Backend):
         for task in done:
             if not has_callbacks(task):
                 if task._error is not None and dead:
-                    clear_frames(task.error)  # a dead letter
+                    rt.seal_dead(task)  # a dead letter: its text made, its frames cleared
                 task.release()
 
     # ---- handing attempts to Dask
@@ -1064,10 +1064,3 @@ def _prefix(task: Task) -> str:
 
 def _run_callbacks(job: tuple[Task, Result[Any]]) -> None:
     run_callbacks(*job)
-
-
-def _callbacks_then_release(task: Task) -> None:
-    run_callbacks(task)
-    if task._error is not None and task.state is not TaskState.CANCELLED:
-        clear_frames(task.error)  # a dead letter, its Result delivered
-    task.release()

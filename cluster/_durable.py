@@ -125,6 +125,8 @@ class Durable:
         self.part: str | None = None  # the JSON text of the doc's shared part (made with it)
         #: Its end is committed (or never will be): until then the task is terminal in
         #: memory only, and ``done()``, ``wait()`` and subscribers do not see it yet.
+        #: Set only under the cluster lock (after the commit: ``Runtime.after_lock``);
+        #: ``ended()`` reads it without the lock: False -> True once, never back.
         self.recorded = False
 
     def again(self) -> Durable:

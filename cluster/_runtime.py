@@ -1568,7 +1568,7 @@ class Runtime:
         with self.lock:
             for task in tasks:
                 if has_callbacks(task):
-                    self.runners.submit_locked(self._callbacks_then_release, task, None)
+                    self.runners.submit_locked(self.callbacks_then_release, task, None)
             self.settle_locked(len(tasks))
             if self.sched.woken:
                 self.wake_lanes_locked()
@@ -1590,7 +1590,9 @@ class Runtime:
             record.text = error_text(error)
         clear_frames(error)
 
-    def _callbacks_then_release(self, task: Task) -> None:
+    def callbacks_then_release(self, task: Task) -> None:
+        """On a callback runner: ``task``'s callbacks, then its dead letter sealed and its
+        work released (every executor hands a task with callbacks over this way)."""
         run_callbacks(task)
         self.seal_dead(task)
         task.release()

@@ -310,8 +310,7 @@ class SlotPool(Backend):
                 if ran:
                     ran = False
                     code = sched.finish(task, ctx, value, error, decision, now, rearm)  # type: ignore[arg-type]
-                    if decision is not None or rearm is not None:
-                        decision = rearm = None
+                    decision = rearm = None
                     if code == DONE:
                         rt.unsettled -= 1  # rt.settle_locked(1), inlined
                         if not rt.unsettled:
@@ -349,7 +348,7 @@ class SlotPool(Backend):
                         fresh_ctx: TaskContext = task.ctx  # type: ignore[union-attr,assignment]
                         fresh_ctx._worker = me
                         if fresh_ctx.deadline is not None:
-                            rt.arm_service_locked(fresh_ctx.deadline)
+                            rt.service.arm_locked(fresh_ctx.deadline)  # (as _take_locked)
                         sleeping = None
                     elif task.ctx is not sleeping:  # type: ignore[union-attr]  # cancelled
                         sleeping = None

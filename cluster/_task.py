@@ -216,7 +216,11 @@ class Options:
         self.name: str | None = None  #: ``with_name``; None: the function's qualified name
         self.tags: tuple[str, ...] = ()  #: ``with_tags``
         self.key: str | None = None  #: ``with_key``
-        # ---- per-task state (a task with any of it has private Options) ----
+        # ---- per-task state (a task with any of it has private Options). Changed under
+        # the cluster lock, except ``policy``, built once by ``retry_policy()`` outside
+        # it; the thread whose attempt just ended reads ``policy`` and ``counts`` without
+        # the lock (``plan``), as only that thread's ``finish`` changes them next. The
+        # user options above are fixed once the task is submitted. ----
         self.policy: RetryPolicy | None = None  # built from the above on first failure
         self.counts: RetryCounts | None = None  # consecutive failures per rule
         self.unlimited = False  # the pending retry came from an UNLIMITED budget

@@ -16,9 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "_durable_child.py"
@@ -154,3 +156,26 @@ def read_rows(path: Path) -> dict[str, tuple[int, str, Any]]:
 def task_rows(path: Path) -> dict[str, tuple[int, str, Any]]:
     """The rows of tasks (not dead letters)."""
     return {k: v for k, v in read_rows(path).items() if v[1] != "dead"}
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make ``path`` (a file or a directory) unwritable, even for root (``chattr +i``)."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    try:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, timeout=WAIT)
+    except FileNotFoundError:
+        pytest.skip("running as root (permissions are ignored) and chattr is not installed")
+    if done.returncode != 0:
+        pytest.skip(f"running as root and chattr +i fails: {done.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True, timeout=WAIT)

@@ -32,7 +32,7 @@ from typing import Any
 
 import _durable_tasks as tasks
 import pytest
-from _durable_helpers import ROOT, WAIT, Child, read_rows, task_rows
+from _durable_helpers import ROOT, WAIT, Child, read_only, read_rows, task_rows
 
 import cluster
 from cluster import (
@@ -168,29 +168,6 @@ def wal_commits(path: Path) -> int:
             commits += 1
         offset += 24 + page_size
     return commits
-
-
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[None]:
-    """Make the directory ``path`` unwritable, even for root (``chattr +i``)."""
-    if os.geteuid() != 0:
-        mode = path.stat().st_mode
-        path.chmod(mode & ~0o222)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
-        return
-    try:
-        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, timeout=WAIT)
-    except FileNotFoundError:
-        pytest.skip("running as root (permissions are ignored) and chattr is not installed")
-    if done.returncode != 0:
-        pytest.skip(f"running as root and chattr +i fails: {done.stderr.decode().strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True, timeout=WAIT)
 
 
 def past(seconds_ago: float) -> str:

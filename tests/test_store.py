@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _durable_helpers import read_only
 
 from cluster import ClusterError, _store
 from cluster._errors import StoreError, StoreLockedError, StoreWriteError
@@ -1472,29 +1473,6 @@ def test_a_forked_child_exiting_normally_does_not_touch_the_parents_log(tmp_path
 
 
 # ---------------------------------------------------------------------------- permissions
-
-
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[None]:
-    """Make ``path`` (a file or a directory) unwritable, even for root (``chattr +i``)."""
-    if os.geteuid() != 0:
-        mode = path.stat().st_mode
-        path.chmod(mode & ~0o222)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
-        return
-    try:
-        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, timeout=WAIT)
-    except FileNotFoundError:
-        pytest.skip("running as root (permissions are ignored) and chattr is not installed")
-    if done.returncode != 0:
-        pytest.skip(f"running as root and chattr +i fails: {done.stderr.decode().strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True, timeout=WAIT)
 
 
 def test_a_read_only_file_is_refused_at_open(tmp_path: Path) -> None:
