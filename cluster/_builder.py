@@ -33,6 +33,10 @@ __all__ = ["TaskBuilder", "TaskHandle"]
 
 T = TypeVar("T")
 
+# A bound method held in a global: ``DEFAULT_OPTIONS.copy()`` on an imported name
+# compiles to an attribute load that CPython 3.11 cannot specialize.
+_private_options = DEFAULT_OPTIONS.copy
+
 
 class TaskBuilder(Generic[T]):
     """Describes one submission; every setter validates at once and returns the builder.
@@ -58,7 +62,7 @@ class TaskBuilder(Generic[T]):
             raise RuntimeError("this TaskBuilder was already submitted")
         opts = task.opts
         if opts is DEFAULT_OPTIONS:  # copy on first write: plain tasks share one
-            opts = task.opts = DEFAULT_OPTIONS.copy()
+            opts = task.opts = _private_options()
         return opts
 
     def with_id(self, task_id: str) -> TaskBuilder[T]:

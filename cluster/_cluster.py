@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import datetime
 from queue import SimpleQueue
-from types import FunctionType, TracebackType
+from types import CodeType, FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backend import Backend
@@ -165,6 +165,7 @@ class Cluster:
                     )
                 store = SQLiteStore(store)
             rt.attach_store(store)
+        self._sync_code: CodeType | None = None  # see add_task
         # The hot query paths go straight to the runtime (no extra call per use).
         self.cancel_task = rt.cancel_task  # type: ignore[method-assign]
         self.subscribe = rt.subscribe  # type: ignore[method-assign]
@@ -276,8 +277,15 @@ class Cluster:
         # _is_coroutine_function, with its fast path inlined: this runs once per task.
         if type(fn) is FunctionType:  # (callable: the common case, checked first)
             task = Task(fn, args, kwargs)
-            if fn.__code__.co_flags & 0x80:  # inspect.CO_COROUTINE
-                task.lane = self._rt._async_lane()
+            code = fn.__code__
+            # The code object last seen to be synchronous skips the flag test (the same
+            # function, or the same lambda made anew per call). Racy but safe: only a
+            # code object whose CO_COROUTINE flag is clear is ever stored.
+            if code is not self._sync_code:
+                if code.co_flags & 0x80:  # inspect.CO_COROUTINE
+                    task.lane = self._rt._async_lane()
+                else:
+                    self._sync_code = code
             return TaskBuilder(self._rt, task)
         if not callable(fn):
             if isinstance(fn, str):

@@ -112,7 +112,12 @@ def decide(
             return Decision(None, NONE, error.__cause__)  # no retry: end with the cause
         return None
     return policy.decide(
-        error, task.opts.counts, rng, stopping=stopping, reset=ctx._reset, task_id=task.id
+        error,
+        task.opts.counts,
+        rng,
+        stopping=stopping,
+        reset=getattr(ctx, "_reset", False),
+        task_id=task.id,
     )
 
 
@@ -278,6 +283,42 @@ def _waiting(task: Task) -> bool:
 class Scheduler:
     """Queues and state machine of one cluster; every method expects the caller's lock."""
 
+    # Slots: the hot paths read these attributes on every task, and a slot is the
+    # fastest attribute load CPython has (an instance dict of this many keys loses
+    # the shared-key fast path).
+    __slots__ = (
+        "_deadlines",
+        "_expiry",
+        "_gate_timers",
+        "_ids",
+        "_lane0",
+        "_seq",
+        "abandoned",
+        "by_name",
+        "dead",
+        "dead_evicted",
+        "dead_limit",
+        "encode",
+        "expiry_armed",
+        "gate_armed",
+        "gates",
+        "graveyard",
+        "journal",
+        "lanes",
+        "listing",
+        "parked",
+        "reserved",
+        "retried",
+        "retries_allowed",
+        "rng",
+        "run_result",
+        "runs_allowed",
+        "settling",
+        "submitted",
+        "tasks",
+        "woken",
+    )
+
     def __init__(self, rng: random.Random | None = None) -> None:
         #: Every task whose id is reserved: not yet terminal, or terminal and cached.
         self.tasks: dict[str, Task] = {}
@@ -295,8 +336,8 @@ class Scheduler:
         #: Slots (whatever ``ctx._worker`` held) stuck in a cancelled or timed-out
         #: attempt, for the caller to replace or abort.
         self.abandoned: list[object] = []
-        self._seq = itertools.count(1).__next__
-        self._ids = itertools.count(1).__next__
+        self._seq = itertools.count(1)  # next(): a builtin call, faster than a bound __next__
+        self._ids = itertools.count(1)
         self.rng = rng if rng is not None else random.Random()
         #: False once a shutdown has cancelled whatever has not started.
         self.retries_allowed = True
@@ -351,17 +392,15 @@ class Scheduler:
             tid = self._claim(task, now)
         else:
             if tid is None:
-                tid = f"t{self._ids()}"
+                tid = f"t{next(self._ids)}"
                 while tid in tasks:  # a user took this id with with_id()
-                    tid = f"t{self._ids()}"
+                    tid = f"t{next(self._ids)}"
                 task.id = tid
             elif tid in tasks:
                 raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
-            task.seq = self._seq()
+            task.seq = next(self._seq)
             task.submitted_at = now
-        lane = task.lane
-        if lane is None:
-            lane = task.lane = self._lane0
+        lane = task.lane = task.lane or self._lane0  # None: the default lane (threads)
         tasks[tid] = task
         self.submitted += 1
         start = task.start
@@ -441,14 +480,24 @@ class Scheduler:
         timers = lane.timers
         if timers and timers[0].start <= now:  # type: ignore[operator]
             self._promote(lane, now)
-        pop = lane.ready.pop
+        ready = lane.ready
         while True:
-            task = pop()
+            task = ready.pop()
             if task is None:
                 return None
             if task.state is PENDING:
                 opts = task.opts
-                if opts is DEFAULT_OPTIONS or opts.key is None or self._admit(task, lane, now):
+                if opts is DEFAULT_OPTIONS:
+                    # A plain task (no timeout, no retry, no key): its one attempt, the
+                    # common case, inlined.
+                    lane.queued -= 1
+                    lane.running += 1
+                    task.state = RUNNING
+                    task.attempts = 1
+                    task.started_at = now
+                    task.ctx = TaskContext(task, 0, None)
+                    return task
+                if opts.key is None or self._admit(task, lane, now):
                     break
                 continue  # parked on its key: it holds no worker; look further
             lane.ready_dead -= 1
@@ -456,17 +505,11 @@ class Scheduler:
         lane.queued -= 1
         lane.running += 1
         task.state = RUNNING
-        if opts.timeout is not None or task.attempts:
-            self._begin(task, lane, TaskContext(task, task.attempts, None), now)
-        else:  # the common case, inlined: a first attempt without timeout
-            task.attempts = 1
-            task.started_at = now
-            task.ctx = TaskContext(task, 0, None)
-        if opts is not DEFAULT_OPTIONS:
-            if opts.series is not None and task.attempts == 1:
-                opts.series.began = now  # a run begins
-            if opts.durable is not None:
-                self._journal(task)  # running: after a crash, it was interrupted
+        self._begin(task, lane, TaskContext(task, task.attempts, None), now)
+        if opts.series is not None and task.attempts == 1:
+            opts.series.began = now  # a run begins
+        if opts.durable is not None:
+            self._journal(task)  # running: after a crash, it was interrupted
         return task
 
     # -- durable tasks ---------------------------------------------------------------
@@ -495,14 +538,14 @@ class Scheduler:
         reserved = self.reserved
         tid = task.id
         if tid is None:
-            tid = f"t{self._ids()}"
+            tid = f"t{next(self._ids)}"
             while tid in tasks or tid in reserved:
-                tid = f"t{self._ids()}"
+                tid = f"t{next(self._ids)}"
             task.id = tid
         elif tid in tasks or tid in reserved:
             raise DuplicateTaskError(f"task id {tid!r} is already queued, running or cached")
         reserved[tid] = task
-        task.seq = self._seq()
+        task.seq = next(self._seq)
         task.submitted_at = now
 
     def _claim(self, task: Task, now: float) -> str:
@@ -548,11 +591,11 @@ class Scheduler:
 
     def start_ids_after(self, n: int) -> None:
         """Generated ids (``t1``, ``t2``...) start past ``t{n}``."""
-        self._ids = itertools.count(n + 1).__next__
+        self._ids = itertools.count(n + 1)
 
     def start_seq_after(self, seq: int) -> None:
         """New submissions come after ``seq`` (the newest one a store holds)."""
-        self._seq = itertools.count(seq + 1).__next__
+        self._seq = itertools.count(seq + 1)
 
     # -- keys and limits -----------------------------------------------------------
 
@@ -583,7 +626,7 @@ class Scheduler:
             self._park(task, gate, lane)
             if gate.timer is None or back < gate.timer:
                 gate.timer = back
-                heappush(self._gate_timers, (back, self._seq(), gate))
+                heappush(self._gate_timers, (back, next(self._seq), gate))
                 self.gate_armed = True
                 if lane not in self.woken:
                     self.woken.append(lane)  # (the edge looks at woken, then at timers)
@@ -646,7 +689,7 @@ class Scheduler:
             if gate.parked:
                 back = gate.next_token(now)
                 gate.timer = back
-                heappush(timers, (back, self._seq(), gate))
+                heappush(timers, (back, next(self._seq), gate))
                 self.gate_armed = True
 
     def _begin(self, task: Task, lane: Lane, ctx: TaskContext, now: float) -> None:
@@ -662,7 +705,7 @@ class Scheduler:
             if len(deadlines) & 63 == 63 and len(deadlines) > 2 * self.running + _COMPACT_MIN:
                 deadlines[:] = [e for e in deadlines if e[2]._task is not None]
                 heapify(deadlines)
-            heappush(deadlines, (ctx.deadline, self._seq(), ctx))
+            heappush(deadlines, (ctx.deadline, next(self._seq), ctx))
 
     def _promote(self, lane: Lane, now: float) -> None:
         timers = lane.timers
@@ -738,7 +781,7 @@ class Scheduler:
                     self.listing.note_removed(task.seq)
                 return DONE
             return self._end_run(task, SUCCEEDED, value, None, rearm, now)
-        return self._failed(task, error, decision, rearm, now, True, ctx._reset)
+        return self._failed(task, error, decision, rearm, now, True, getattr(ctx, "_reset", False))
 
     def fail_detached(
         self,
@@ -755,7 +798,7 @@ class Scheduler:
         if task is None or task.state is not RUNNING or task.ctx is not None:
             return STALE  # cancelled or shut down meanwhile
         task.lane.running -= 1  # type: ignore[union-attr]
-        return self._failed(task, error, decision, rearm, now, False, ctx._reset)
+        return self._failed(task, error, decision, rearm, now, False, getattr(ctx, "_reset", False))
 
     def _failed(
         self,
@@ -910,12 +953,12 @@ class Scheduler:
         """
         state = task.state
         lane: Lane = task.lane  # type: ignore[assignment]
-        if state is DELAYED and task.ctx is None:  # _unqueue's common cases, inlined
-            lane.delayed -= 1
-            lane.timer_dead += 1
-        elif state is PENDING and not task.opts.parked:
+        if state is PENDING and not task.opts.parked:  # _unqueue's common cases, inlined
             lane.queued -= 1
             lane.ready_dead += 1
+        elif state is DELAYED and task.ctx is None:
+            lane.delayed -= 1
+            lane.timer_dead += 1
         elif state is PENDING or state is DELAYED or state is RETRYING:
             self._unqueue(task, reason)
         elif state is RUNNING:

@@ -101,17 +101,22 @@ def run_callbacks(task: Task, result: Result[Any] | None = None) -> None:
     an exception is logged and changes nothing."""
     opts = task.opts
     if result is None:
-        value, error = task.value, task.error
+        value, error = task.value, task._error
+        if error is not None and type(error) is str:  # (the property is a slow load)
+            error = task.error
     else:
         value, error = result.value, result.error
-    if opts.on_complete is not None:
+    # Loaded, then called: a callable held in a slot is not a method.
+    on_complete = opts.on_complete
+    if on_complete is not None:
         try:
-            opts.on_complete(task.id, value, error)  # type: ignore[arg-type]
+            on_complete(task.id, value, error)  # type: ignore[arg-type]
         except BaseException:
             log.exception("on_complete callback of task %r raised", task.id)
-    if error is not None and opts.on_failure is not None:
+    on_failure = opts.on_failure
+    if error is not None and on_failure is not None:
         try:
-            opts.on_failure(task.id, error)  # type: ignore[arg-type]
+            on_failure(task.id, error)  # type: ignore[arg-type]
         except BaseException:
             log.exception("on_failure callback of task %r raised", task.id)
 

@@ -37,26 +37,28 @@ class ReadyQueue:
     """Due tasks by (-priority, start, seq): O(1) push and pop in the FIFO case.
 
     Holds dead entries (tasks no longer PENDING) until they are popped or
-    ``compact`` drops them; ``len()`` counts entries, dead ones included.
+    ``compact`` drops them; ``len()`` counts entries, dead ones included (it sums
+    the buckets: push and pop keep no count, they run once per task).
     """
 
-    __slots__ = ("_buckets", "_count", "_priorities")
+    __slots__ = ("_buckets", "_priorities", "_top")
 
     def __init__(self) -> None:
         self._buckets: dict[int, _Bucket] = {}
         self._priorities: list[int] = []  # heap of -priority, one per bucket
-        self._count = 0
+        # The bucket of the highest priority, or None when there is none: what pop
+        # looks at first. An emptied bucket stays until pop finds it empty.
+        self._top: _Bucket | None = None
 
     def __len__(self) -> int:
-        return self._count
+        return sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
 
     def push(self, task: Task) -> None:
         """Add ``task`` (its priority, start and seq are set) to its priority's bucket."""
         priority = task.priority
         bucket = self._buckets.get(priority)
         if bucket is None:
-            bucket = self._buckets[priority] = _Bucket()
-            heappush(self._priorities, -priority)
+            bucket = self._add_bucket(priority)
         fifo = bucket.fifo
         if fifo:
             last = fifo[-1]
@@ -68,24 +70,29 @@ class ReadyQueue:
                 heappush(bucket.heap, task)
         else:
             fifo.append(task)
-        self._count += 1
+
+    def _add_bucket(self, priority: int) -> _Bucket:
+        bucket = self._buckets[priority] = _Bucket()
+        priorities = self._priorities
+        heappush(priorities, -priority)
+        if priorities[0] == -priority:  # the highest priority now
+            self._top = bucket
+        return bucket
 
     def pop(self) -> Task | None:
         """Remove and return the first task (dead or alive), or None if empty."""
-        priorities = self._priorities
-        while priorities:
-            bucket = self._buckets[-priorities[0]]
+        bucket = self._top
+        while bucket is not None:
             fifo = bucket.fifo
             heap = bucket.heap
             if fifo:
-                task = heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
-            elif heap:
-                task = heappop(heap)
-            else:  # an emptied bucket: drop it
-                del self._buckets[-heappop(priorities)]
-                continue
-            self._count -= 1
-            return task
+                return heappop(heap) if heap and heap[0] < fifo[0] else fifo.popleft()
+            if heap:
+                return heappop(heap)
+            # An emptied bucket: drop it; the next priority's comes to the top.
+            priorities = self._priorities
+            del self._buckets[-heappop(priorities)]
+            bucket = self._top = self._buckets[-priorities[0]] if priorities else None
         return None
 
     def remove(self, task: Task) -> None:
@@ -97,7 +104,6 @@ class ReadyQueue:
         except ValueError:
             bucket.heap.remove(task)
             heapify(bucket.heap)
-        self._count -= 1
 
     def compact(self, live: int, graveyard: list[object] | None = None) -> None:
         """Drop every dead entry, given the number of ``live`` (PENDING) ones.
@@ -112,18 +118,16 @@ class ReadyQueue:
             bury(self._buckets)
             self._buckets = {}
             self._priorities.clear()
-            self._count = 0
+            self._top = None
             return
-        count = self._count
+        count = 0
         for bucket in self._buckets.values():
             fifo = bucket.fifo
             while fifo and fifo[0].state is not PENDING:
                 bury(fifo.popleft())
-                count -= 1
             while fifo and fifo[-1].state is not PENDING:
                 bury(fifo.pop())
-                count -= 1
-        self._count = count
+            count += len(fifo) + len(bucket.heap)
         if count == live:
             return
         for priority, bucket in list(self._buckets.items()):
@@ -136,4 +140,4 @@ class ReadyQueue:
                 del self._buckets[priority]
         self._priorities = [-p for p in self._buckets]
         heapify(self._priorities)
-        self._count = sum(len(b.fifo) + len(b.heap) for b in self._buckets.values())
+        self._top = self._buckets[-self._priorities[0]] if self._priorities else None

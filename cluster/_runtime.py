@@ -88,6 +88,7 @@ from ._slots import Slot, ThreadPool
 from ._store import BadRow, Loaded, Row, SQLiteStore, Ticket, collector_paused
 from ._sync import MAX_WAIT, acquire_bounded, acquire_contended, wait_event
 from ._task import (
+    _NO_KWARGS,
     DEFAULT_OPTIONS,
     TERMINAL,
     ClusterStats,
@@ -166,6 +167,44 @@ def current_runtime() -> Runtime | None:
 
 class Runtime:
     """Lock, scheduler, executors, life cycle and delivery of one cluster."""
+
+    # Slots: the hot paths read these attributes on every task, and a slot is the
+    # fastest attribute load CPython has (an instance dict of this many keys loses
+    # the shared-key fast path).
+    __slots__ = (
+        "__weakref__",
+        "_async_factory",
+        "_async_limit",
+        "_awaiting",
+        "_late",
+        "_listed",
+        "_loaded",
+        "_outbox",
+        "_record_waiters",
+        "_recorded",
+        "_room",
+        "_settled",
+        "_threads",
+        "_watched",
+        "abandoned_threads",
+        "backends",
+        "clock",
+        "lock",
+        "max_pending",
+        "monotonic",
+        "observers",
+        "pool",
+        "registry",
+        "reject",
+        "room_waiters",
+        "runners",
+        "sched",
+        "service",
+        "state",
+        "store",
+        "unrecovered",
+        "unsettled",
+    )
 
     def __init__(
         self,
@@ -747,7 +786,8 @@ class Runtime:
                 self._wait_for_room_locked()
                 state = self.state  # (the wait released the lock)
             sched = self.sched
-            ready = sched.submit(task, self.monotonic())
+            monotonic = self.monotonic  # (loaded, then called: a slot is not a method)
+            ready = sched.submit(task, monotonic())
             self.unsettled += 1
             if state == RUNNING:
                 if lane is None:
@@ -918,7 +958,8 @@ class Runtime:
             acquire_contended(lock)
         try:
             if task is None:
-                task = self.sched.lookup(task_id, self.monotonic())
+                monotonic = self.monotonic  # (as in _submit)
+                task = self.sched.lookup(task_id, monotonic())
             if task.state not in TERMINAL:
                 sinks = task.sinks
                 if sinks is None:
@@ -960,18 +1001,20 @@ class Runtime:
             acquire_contended(lock)
         try:
             sched = self.sched
-            if not sched.cancel(task, "cancelled", self.monotonic()):
+            monotonic = self.monotonic  # (as in _submit)
+            if not sched.cancel(task, "cancelled", monotonic()):
                 return False
-            if sched.abandoned:
+            if sched.abandoned:  # it was running: its slot is stuck in it
                 self.abandon_locked(None)
-            if sched.woken:
-                self.wake_lanes_locked()
+            opts = task.opts
+            if opts is DEFAULT_OPTIONS:  # a plain task: no key to free, no callbacks
+                quiet = task.sinks is None
+            else:
+                quiet = task.sinks is None and opts.on_complete is None and opts.on_failure is None
+                if sched.woken:  # its key let others in
+                    self.wake_lanes_locked()
             if self.room_waiters:
                 self._room.notify()
-            opts = task.opts
-            quiet = task.sinks is None and (
-                opts is DEFAULT_OPTIONS or (opts.on_complete is None and opts.on_failure is None)
-            )
             if quiet:
                 self.unsettled -= 1  # nothing to deliver: settled already
                 if not self.unsettled:
@@ -981,8 +1024,10 @@ class Runtime:
             lock.release()
         if left is not None:
             self.after_lock(left)
-        if quiet:
-            task.release()
+        if quiet:  # Task.release, inlined: a cancel is often one of thousands
+            task.fn = None
+            task.args = ()
+            task.kwargs = _NO_KWARGS
         else:
             self.deliver_all([task])
         return True
@@ -1673,8 +1718,9 @@ class Runtime:
     def bury(self, dead: list[object]) -> None:
         """Free what the scheduler dropped under the lock (the lock is not held here)."""
         for item in dead:
-            if type(item) is Task and item.state in TERMINAL:
-                item.release()
+            if type(item) is Task:
+                if item.fn is not None and item.state in TERMINAL:  # (not yet released)
+                    item.release()
             elif type(item) is DeadRecord and item.evicted:
                 log.warning(
                     "dead letter %r (%s) was evicted: more than %d dead letters",

@@ -232,7 +232,7 @@ class Options:
 
     def copy(self) -> Options:
         """A private copy for a builder to change (per-task state starts afresh)."""
-        new = Options.__new__(Options)
+        new: Options = _new(Options)
         new.timeout = self.timeout
         new.retries = self.retries
         new.backoff = self.backoff
@@ -404,7 +404,10 @@ class Task:
         # slot descriptors do the same job at half the cost, once per task.
         result: Result[Any] = _new(Result)
         _set_value(result, self.value)
-        _set_error(result, self.error)
+        error = self._error
+        if error is not None and type(error) is str:  # (the property is a slow load)
+            error = self.error
+        _set_error(result, error)
         series = self.opts.series
         _set_run(result, 0 if series is None else series.run)
         return result
@@ -427,6 +430,9 @@ class TaskContext:
         "deadline",
         "task_id",
     )
+    # Left unset by __init__ (see there): read with getattr and a default.
+    _hook: Callable[[], object] | None
+    _reset: bool
 
     def __init__(self, task: Task, attempt: int, deadline: float | None) -> None:
         self.task_id: str = task.id  # type: ignore[assignment]
@@ -436,10 +442,11 @@ class TaskContext:
         self._reason: str | None = None
         self._event: threading.Event | None = None  # created on first use
         self._worker: object = None  # the worker inside this attempt's call, if any
-        # Called (under the cluster lock; it must not block) when the attempt is
-        # signalled: how the event loop learns to cancel a coroutine.
-        self._hook: Callable[[], object] | None = None
-        self._reset = False  # reset_backoff() was called during this attempt
+        # Two slots are left unset on a plain attempt (a store each, on every attempt)
+        # and read with getattr and a default, off the hot path: ``_hook`` (a callable)
+        # is called under the cluster lock (it must not block) when the attempt is
+        # signalled, which is how the event loop learns to cancel a coroutine; ``_reset``
+        # is True once reset_backoff() was called during this attempt.
 
     @property
     def cancelled(self) -> threading.Event:
@@ -489,7 +496,7 @@ class TaskContext:
             event = self._event
         if event is not None:
             event.set()
-        hook = self._hook
+        hook = getattr(self, "_hook", None)
         if hook is not None:
             hook()
 

@@ -1285,3 +1285,63 @@ def test_cancelled_entries_never_outnumber_live_ones_by_much() -> None:
         assert sizes["timers"] <= 2 * live_timers + 2 * 64 + 2, (n, sizes)
     assert s.live == 0
     assert s.sizes()["ready"] == s.sizes()["timers"] == 0
+
+
+def test_the_ready_queue_pops_what_a_sorted_list_would() -> None:
+    """Random pushes (priorities, out-of-order starts), pops, cancels, removals and
+    compactions, against the plain model: the live tasks sorted by
+    (-priority, start, seq). Pop looks at the highest priority's bucket first and
+    drops emptied buckets as it meets them; this is what pins that down."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    op = st.one_of(
+        st.tuples(st.just("push"), st.integers(-2, 2), st.integers(0, 3)),
+        st.tuples(st.just("pop"), st.just(0), st.just(0)),
+        st.tuples(st.just("cancel"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("remove"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("compact"), st.just(0), st.just(0)),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(op, max_size=60))
+    def check(ops: list[tuple[str, int, int]]) -> None:
+        ready = ReadyQueue()
+        live: list[Task] = []  # the model: PENDING tasks in the queue
+        entries = 0  # entries held, dead ones included (len() counts them)
+        for seq, (name, a, b) in enumerate(ops):
+            if name == "push":
+                t = make_task(f"t{seq}", priority=a)
+                t.seq, t.start = seq, float(b)
+                ready.push(t)
+                live.append(t)
+                entries += 1
+            elif name == "pop":
+                got = ready.pop()
+                while got is not None and got.state is not TaskState.PENDING:
+                    entries -= 1
+                    got = ready.pop()
+                want = min(live, key=lambda t: (-t.priority, t.start, t.seq), default=None)
+                assert got is want
+                if got is not None:
+                    live.remove(got)
+                    entries -= 1
+            elif live and name == "cancel":
+                live.pop(a % len(live)).state = TaskState.CANCELLED
+            elif live and name == "remove":
+                ready.remove(live.pop(a % len(live)))
+                entries -= 1
+            elif name == "compact":
+                ready.compact(len(live))
+                entries = len(ready)
+                assert entries == len(live)
+            assert len(ready) == entries
+        for want in sorted(live, key=lambda t: (-t.priority, t.start, t.seq)):
+            got = ready.pop()
+            while got is not None and got.state is not TaskState.PENDING:
+                got = ready.pop()
+            assert got is want
+        while (got := ready.pop()) is not None:
+            assert got.state is not TaskState.PENDING
+
+    check()

@@ -263,8 +263,20 @@ def test_load_leaves_the_collector_as_it_found_it(stores: OpenStore, tmp_path: P
         gc.enable()
 
 
-def test_recovery_pauses_the_collector_and_leaves_it_as_it_found_it(tmp_path: Path) -> None:
+def test_recovery_pauses_the_collector_and_leaves_it_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from cluster import Cluster
+    from cluster._runtime import Runtime
+
+    seen: list[bool] = []
+    original = Runtime._recover_rows_unpaused
+
+    def spy(self: Runtime, *args: Any) -> None:
+        seen.append(gc.isenabled())
+        original(self, *args)
+
+    monkeypatch.setattr(Runtime, "_recover_rows_unpaused", spy)
 
     def noop() -> None:
         pass
@@ -276,16 +288,9 @@ def test_recovery_pauses_the_collector_and_leaves_it_as_it_found_it(tmp_path: Pa
     c.cancel()
     c.stop(timeout=WAIT)
     for enabled in (True, False):
-        seen: list[bool] = []
+        seen.clear()
         c = Cluster(workers=1, store=path)
         c.register("noop", noop)
-        original = c._rt._recover_rows_unpaused
-
-        def spy(*args: Any, original: Any = original, seen: list[bool] = seen) -> None:
-            seen.append(gc.isenabled())
-            original(*args)
-
-        c._rt._recover_rows_unpaused = spy  # type: ignore[method-assign,assignment]
         if not enabled:
             gc.disable()
         try:
