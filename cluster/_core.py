@@ -1100,10 +1100,10 @@ class Scheduler:
                     name = fn_name(task.fn)
                 opts.name = name
         counts = self.by_name.get(name) or self._name_counts(name)
-        if state is SUCCEEDED:
-            counts[0] += 1
-        elif state is CANCELLED:
+        if state is CANCELLED:  # (a plain success does not come here: see finish)
             counts[2] += 1
+        elif state is SUCCEEDED:
+            counts[0] += 1
         else:
             counts[1 if state is FAILED else 3] += 1
             if self.dead_limit:

@@ -120,14 +120,20 @@ class ReadyQueue:
             self._priorities.clear()
             self._top = None
             return
+        # The ends go into one list, buried once (whoever ended a dead task releases
+        # it: the graveyard only has to keep it alive until the lock is released).
+        dropped: list[Task] = []
+        keep = dropped.append
         count = 0
         for bucket in self._buckets.values():
             fifo = bucket.fifo
             while fifo and fifo[0].state is not PENDING:
-                bury(fifo.popleft())
+                keep(fifo.popleft())
             while fifo and fifo[-1].state is not PENDING:
-                bury(fifo.pop())
+                keep(fifo.pop())
             count += len(fifo) + len(bucket.heap)
+        if dropped:
+            bury(dropped)
         if count == live:
             return
         for priority, bucket in list(self._buckets.items()):
