@@ -1363,7 +1363,7 @@ class Runtime:
         """See ``Cluster.stats_by_name``."""
         with self.lock:
             sched = self.sched
-            counts = {name: list(c) for name, c in sched.by_name.items()}
+            counts = {name: c.values() for name, c in sched.by_name.items()}
             active: dict[str, int] = {}
             for task in sched.tasks.values():
                 if task.state not in TERMINAL:
