@@ -87,3 +87,20 @@ def test_quick_run_of_a_module_prints_and_writes_every_row(
     for row in rows:
         assert row["metric"] in table
     assert len({row["scenario"] for row in rows}) == len(bench.SCENARIOS)  # each one ran
+
+
+@pytest.mark.timeout(180)
+def test_against_an_earlier_commit_runs_both_packages_side_by_side(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``benchmarks.against HEAD --quick``: the committed package, loaded as
+    ``cluster_ref`` beside the working tree's, runs every scenario (their outcome
+    checks raise if a task is lost) and each gets its row."""
+    from benchmarks.against import main as against
+
+    assert against(["HEAD", "--quick"]) == 0
+
+    table = capsys.readouterr().out
+    for name in ("e2e_w1", "e2e_w4", "submit", "drain", "features", "cancel_task", "handle_cancel"):
+        assert name in table
+    assert "cluster_ref" in sys.modules and sys.modules["cluster_ref"] is not sys.modules["cluster"]
