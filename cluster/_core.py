@@ -244,6 +244,20 @@ class NameCounts:
         return (self.succeeded, self.failed, self.cancelled, self.timed_out)
 
 
+class ByName(dict[str, NameCounts]):
+    """``Scheduler.by_name``: a name's counters are made on first use (``d[name]``, in
+    C; at most ``MAX_NAMES`` names, the rest share "other")."""
+
+    def __missing__(self, name: str) -> NameCounts:
+        if len(self) >= MAX_NAMES:
+            other = self.get("other")
+            if other is None:
+                other = self["other"] = NameCounts()
+            return other
+        counts = self[name] = NameCounts()
+        return counts
+
+
 class Lane:
     """The tasks of one executor: its due queue, its timer heap and its gauges.
 
@@ -372,7 +386,7 @@ class Scheduler:
         self.dead_limit = 1000
         self.dead_evicted = 0
         #: Per task name: [succeeded, failed, cancelled, timed_out] since creation.
-        self.by_name: dict[str, NameCounts] = {}
+        self.by_name = ByName()
         self.listing = Listing()
         # Durable tasks (SPEC §14): each transition a restart must know of leaves its
         # row (or, for a task the store forgets, its id) here; the caller hands them to
@@ -789,7 +803,7 @@ class Scheduler:
                     name = task.fn.__qualname__  # type: ignore[union-attr]
                 except AttributeError:
                     name = fn_name(task.fn)
-                (self.by_name.get(name) or self._name_counts(name)).succeeded += 1
+                self.by_name[name].succeeded += 1
                 del self.tasks[task.id]  # type: ignore[arg-type]
                 if task.seq <= self.listing.upto:
                     self.listing.note_removed(task.seq)
@@ -1105,31 +1119,25 @@ class Scheduler:
                 name = task.fn.__qualname__  # type: ignore[union-attr]
             except AttributeError:  # a partial, a callable object
                 name = fn_name(task.fn)
-        else:
-            name = opts.name
-            if name is None:  # kept: the function is dropped once the task is released
-                try:
-                    name = task.fn.__qualname__  # type: ignore[union-attr]
-                except AttributeError:
-                    name = fn_name(task.fn)
-                opts.name = name
-        counts = self.by_name.get(name) or self._name_counts(name)
-        if state is CANCELLED:  # (a plain success does not come here: see finish)
-            counts.cancelled += 1
-        elif state is SUCCEEDED:
-            counts.succeeded += 1
-        else:
-            if state is FAILED:
-                counts.failed += 1
+            if state is CANCELLED:  # (a plain success does not come here: see finish)
+                self.by_name[name].cancelled += 1
             else:
-                counts.timed_out += 1
-            if self.dead_limit:
-                self._dead_letter(task, now, name)
-        if opts is DEFAULT_OPTIONS:
+                self._count_end(task, state, name, now)
             del self.tasks[task.id]  # type: ignore[arg-type]  # (see below)
             if task.seq <= self.listing.upto:
                 self.listing.note_removed(task.seq)
             return
+        name = opts.name
+        if name is None:  # kept: the function is dropped once the task is released
+            try:
+                name = task.fn.__qualname__  # type: ignore[union-attr]
+            except AttributeError:
+                name = fn_name(task.fn)
+            opts.name = name
+        if state is CANCELLED:
+            self.by_name[name].cancelled += 1
+        else:
+            self._count_end(task, state, name, now)
         if opts.holds:
             self._release_key(task)
         spec = opts.durable
@@ -1158,15 +1166,18 @@ class Scheduler:
                 self.expiry_armed = True
             heappush(self._expiry, (now + ttl, task.seq, task))
 
-    def _name_counts(self, name: str) -> NameCounts:
-        """The counters of a new name (at most ``MAX_NAMES``; the rest share "other")."""
-        if len(self.by_name) >= MAX_NAMES:
-            other = self.by_name.get("other")
-            if other is None:
-                other = self.by_name["other"] = NameCounts()
-            return other
-        counts = self.by_name[name] = NameCounts()
-        return counts
+    def _count_end(self, task: Task, state: TaskState, name: str, now: float) -> None:
+        """Count an end other than a cancel; a failure leaves a dead letter."""
+        counts = self.by_name[name]
+        if state is SUCCEEDED:
+            counts.succeeded += 1
+            return
+        if state is FAILED:
+            counts.failed += 1
+        else:
+            counts.timed_out += 1
+        if self.dead_limit:
+            self._dead_letter(task, now, name)
 
     # -- dead letters -------------------------------------------------------------
 
