@@ -161,6 +161,10 @@ def serve(path: str, workers: int, process: bool) -> None:
         say(open_error=str(exc), type=type(exc).__name__)
         return
     say(ready=os.getpid())
+    # What this child submitted: "wait" reads a handle, which holds its Result even
+    # once the task ended and was purged (a subscription made after that would not
+    # find it: a fast task can end before the parent's "wait" arrives).
+    submitted: dict[str, Any] = {}
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
@@ -169,9 +173,12 @@ def serve(path: str, workers: int, process: bool) -> None:
                 c.run()
                 say(re=op, unrecovered=[[b.id, b.reason] for b in c.unrecovered])
             elif op == "submit":
-                say(re=op, ack=build(c, cmd["spec"]).submit().id)
+                handle = build(c, cmd["spec"]).submit()
+                submitted[handle.id] = handle
+                say(re=op, ack=handle.id)
             elif op == "submit_all":
                 handles = c.submit_all([build(c, spec) for spec in cmd["specs"]])
+                submitted.update((h.id, h) for h in handles)
                 say(re=op, ack=[h.id for h in handles])
             elif op == "info":
                 say(re=op, info=info_doc(c, cmd["id"]))
@@ -182,7 +189,14 @@ def serve(path: str, workers: int, process: bool) -> None:
                 ]
                 say(re=op, dead=dead)
             elif op == "wait":
-                result = c.subscribe(cmd["id"]).get(timeout=cmd.get("timeout", 10))
+                timeout = cmd.get("timeout", 10)
+                handle = submitted.get(cmd["id"])
+                if handle is None:  # recovered from the store: still queued or running
+                    result = c.subscribe(cmd["id"]).get(timeout=timeout)
+                else:
+                    result = handle.wait(timeout)
+                    if result is None:
+                        raise TimeoutError(f"{cmd['id']} did not end within {timeout} s")
                 say(re=op, ok=result.ok, value=result.value, error=error_name(result.error))
             elif op == "cancel":
                 say(re=op, cancelled=c.cancel_task(cmd["id"]))
