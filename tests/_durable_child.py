@@ -190,11 +190,11 @@ def serve(path: str, workers: int, process: bool) -> None:
                 say(re=op, dead=dead)
             elif op == "wait":
                 timeout = cmd.get("timeout", 10)
-                handle = submitted.get(cmd["id"])
-                if handle is None:  # recovered from the store: still queued or running
+                held = submitted.get(cmd["id"])
+                if held is None:  # recovered from the store: still queued or running
                     result = c.subscribe(cmd["id"]).get(timeout=timeout)
                 else:
-                    result = handle.wait(timeout)
+                    result = held.wait(timeout)
                     if result is None:
                         raise TimeoutError(f"{cmd['id']} did not end within {timeout} s")
                 say(re=op, ok=result.ok, value=result.value, error=error_name(result.error))
