@@ -31,23 +31,9 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks._report import check
+from benchmarks.run import STOP_TIMEOUT, _Hits, noop
 
 ROOT = Path(__file__).resolve().parents[1]
-STOP_TIMEOUT = 600.0
-
-
-def noop() -> None:
-    """The no-op task of every scenario."""
-
-
-class _Hits:
-    """A completion callback that counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[None] = []
-
-    def __call__(self, *args: object) -> None:
-        self.calls.append(None)
 
 
 def load_ref(ref: str, into: Path) -> ModuleType:
@@ -106,7 +92,7 @@ def _features(mod: ModuleType, n: int) -> float:
             queues.append(c.subscribe(h.id))
     c.stop(timeout=STOP_TIMEOUT)
     elapsed = perf_counter() - t0
-    check(len(hits.calls) == n, f"{mod.__name__}: on_complete ran {len(hits.calls)} of {n}")
+    check(len(hits) == n, f"{mod.__name__}: on_complete ran {len(hits)} of {n}")
     return elapsed
 
 

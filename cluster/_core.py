@@ -385,7 +385,7 @@ class Scheduler:
         self.dead: dict[str, DeadRecord] = {}
         self.dead_limit = 1000
         self.dead_evicted = 0
-        #: Per task name: [succeeded, failed, cancelled, timed_out] since creation.
+        #: Per task name: its terminal counts since creation (``NameCounts``).
         self.by_name = ByName()
         self.listing = Listing()
         # Durable tasks (SPEC §14): each transition a restart must know of leaves its

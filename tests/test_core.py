@@ -1345,3 +1345,37 @@ def test_the_ready_queue_pops_what_a_sorted_list_would() -> None:
             assert got.state is not TaskState.PENDING
 
     check()
+
+
+def test_names_past_the_limit_are_counted_under_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_NAMES names get counters of their own, in the order their first
+    end came; the ends of the rest count under "other", a cancel (counted on its own
+    path) as well as a success."""
+    from cluster import Cluster, _core
+
+    monkeypatch.setattr(_core, "MAX_NAMES", 2)
+
+    def first() -> None:
+        pass
+
+    def second() -> None:
+        pass
+
+    def third() -> None:
+        pass
+
+    c = Cluster(workers=1)
+    c.run()
+    assert c.add_task(third).with_delay(3600).submit().cancel()  # name 1: "third"
+    assert c.add_task(first).submit().wait(10) is not None  # name 2: "first"
+    assert c.add_task(second).submit().wait(10) is not None  # past the limit
+    assert c.add_task(second).with_delay(3600).submit().cancel()
+    c.stop(timeout=10)
+
+    names = {name.rsplit(".", 1)[-1]: s for name, s in c.stats_by_name().items()}
+    assert set(names) == {"third", "first", "other"}
+    assert (names["third"].succeeded, names["third"].cancelled) == (0, 1)
+    assert (names["first"].succeeded, names["first"].cancelled) == (1, 0)
+    assert (names["other"].succeeded, names["other"].cancelled) == (1, 1)
+    stats = c.stats()
+    assert (stats.succeeded, stats.cancelled) == (2, 2)
